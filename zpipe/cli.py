@@ -1,0 +1,67 @@
+"""The `zpipe` command: parses arguments and calls the core, nothing more."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+
+import click
+
+from . import launcher, worker
+from .config import load
+from .errors import ConfigError
+
+EXIT_BAD_INPUT = 2
+
+
+def _fail(exc: ConfigError) -> None:
+    click.echo(f"zpipe: error: {exc}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="zpipe")
+def main() -> None:
+    """Multi-stage pipelines over ZeroMQ: each stage replica its own process."""
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--grace", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to let items in flight drain after Ctrl-C or SIGTERM "
+                   "(default: [pipeline] grace, else 5).")
+def launch(file: str, grace: float | None) -> None:
+    """Run the pipeline described in FILE (a pipeline.toml) on this host."""
+    try:
+        outcome = launcher.launch(file, grace=grace)
+    except ConfigError as exc:
+        _fail(exc)
+    sys.exit(outcome.exit_code)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+def validate(file: str) -> None:
+    """Check FILE, its imports and params without running anything; print the plan."""
+    try:
+        spec = load(file)
+        callees = launcher.check(spec)
+    except ConfigError as exc:
+        _fail(exc)
+    runtime = f"{tempfile.gettempdir()}/zpipe-{spec.name}-XXXX"
+    click.echo(launcher.describe_plan(spec, callees, runtime))
+    click.echo("ok")
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("name")
+@click.option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Which replica of the stage this process is.")
+def stage(file: str, name: str, replica: int) -> None:
+    """Run one replica of stage NAME of FILE (what `launch` starts for each replica)."""
+    try:
+        status = worker.run_stage_process(load(file), name, replica)
+    except ConfigError as exc:
+        _fail(exc)
+    sys.exit(status)

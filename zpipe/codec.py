@@ -1,0 +1,121 @@
+"""Items on the wire: a msgpack header plus one raw frame per numpy array.
+
+A data message is a ZeroMQ multipart message::
+
+    frame 0   msgpack [PROTOCOL_VERSION, [item, item, ...]]
+    frame 1.. the bytes of each numpy array, in the order the header refers to them
+
+Inside the header an array is msgpack extension type 1 holding
+``[frame_index, dtype, shape]``; a numpy scalar is extension type 2 holding
+``[dtype, bytes]``. Arrays thus never pass through msgpack; the receiver maps
+each frame into an array without copying it (the array is writable: it owns the
+received buffer). Tuples arrive as lists, as msgpack has no tuple.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import msgpack
+
+from .errors import EncodeError
+
+PROTOCOL_VERSION = 1
+EXT_ARRAY = 1
+EXT_SCALAR = 2
+
+SUPPORTED = ("None, bool, int, float, str, bytes, list, tuple, dict and numpy arrays "
+             "(any dtype but object)")
+
+
+class DecodeError(ValueError):
+    """A data message that is not zpipe's wire format (or another version of it)."""
+
+
+def _numpy() -> Any:
+    # numpy is imported on first use so that stages which never touch an array
+    # start faster.
+    import numpy
+    return numpy
+
+
+def _dtype_to_wire(dtype: Any) -> Any:
+    if dtype.hasobject:
+        raise TypeError("numpy arrays of dtype object")
+    return dtype.descr if dtype.fields is not None else dtype.str
+
+
+def _dtype_from_wire(wire: Any) -> Any:
+    def tuples(value: Any) -> Any:
+        if isinstance(value, list) and value and isinstance(value[0], str):
+            return tuple(tuples(v) for v in value)
+        if isinstance(value, list):
+            return [tuples(v) for v in value]
+        return value
+    return _numpy().dtype(wire if isinstance(wire, str) else [tuples(f) for f in wire])
+
+
+def encode(items: Sequence[Any]) -> list[Any]:
+    """Frames of one data message carrying ``items``; raises EncodeError naming the type."""
+    frames: list[Any] = [b""]
+
+    def default(obj: Any) -> Any:
+        module = type(obj).__module__
+        if module == "numpy":
+            np = _numpy()
+            if isinstance(obj, np.ndarray):
+                dtype = _dtype_to_wire(obj.dtype)
+                # As flat bytes, so that every dtype (datetime, structured, ...)
+                # exposes a plain buffer; C order, copying only if not already.
+                raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8) if obj.size else b""
+                frames.append(raw)
+                return msgpack.ExtType(EXT_ARRAY, msgpack.packb(
+                    [len(frames) - 1, dtype, list(obj.shape)], use_bin_type=True))
+            if isinstance(obj, np.generic):
+                return msgpack.ExtType(EXT_SCALAR, msgpack.packb(
+                    [_dtype_to_wire(obj.dtype), obj.tobytes()], use_bin_type=True))
+        raise TypeError(f"values of type {type(obj).__module__}.{type(obj).__qualname__}"
+                        if module != "builtins" else f"values of type {type(obj).__qualname__}")
+
+    try:
+        frames[0] = msgpack.packb([PROTOCOL_VERSION, list(items)], default=default,
+                                  use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        kinds = ", ".join(sorted({type(i).__name__ for i in items}))
+        raise EncodeError(f"cannot send an item of type {kinds}: it holds {exc}; "
+                          f"zpipe sends {SUPPORTED}") from None
+    return frames
+
+
+def decode(frames: Sequence[Any]) -> list[Any]:
+    """Items of one data message; frames may be bytes or zmq.Frame objects."""
+    if not frames:
+        raise DecodeError("empty message")
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == EXT_ARRAY:
+            index, dtype, shape = msgpack.unpackb(data, use_list=True)
+            if not 0 < index < len(frames):
+                raise DecodeError(f"array refers to frame {index} of {len(frames)}")
+            frame = frames[index]
+            buffer = frame.buffer if hasattr(frame, "buffer") else frame
+            return _numpy().frombuffer(buffer, dtype=_dtype_from_wire(dtype)).reshape(shape)
+        if code == EXT_SCALAR:
+            dtype, raw = msgpack.unpackb(data, use_list=True)
+            return _numpy().frombuffer(raw, dtype=_dtype_from_wire(dtype))[0]
+        return msgpack.ExtType(code, data)
+
+    head = frames[0]
+    head = head.bytes if hasattr(head, "bytes") else head
+    try:
+        message = msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"not a zpipe data message: {type(exc).__name__}: {exc}") from None
+    if not isinstance(message, list) or len(message) < 2 or not isinstance(message[1], list):
+        raise DecodeError("not a zpipe data message: header is not [version, items]")
+    if message[0] != PROTOCOL_VERSION:
+        raise DecodeError(f"protocol version {message[0]!r} received, this zpipe speaks "
+                          f"{PROTOCOL_VERSION}: run the same zpipe version in every stage")
+    return message[1]

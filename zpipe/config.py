@@ -1,0 +1,214 @@
+"""pipeline.toml: parse, validate and plan addresses.
+
+Everything here runs before any process starts, so every mistake in a file is
+reported as a ConfigError naming the file, the stage and the field.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_HWM = 100
+DEFAULT_GRACE = 5.0
+DEFAULT_STARTUP_TIMEOUT = 60.0
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+RUN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+TCP_RE = re.compile(r"^tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)$")
+
+PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout"}
+STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address"}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage as declared: what to run and how many replicas."""
+
+    name: str
+    run: str
+    params: dict[str, Any] = field(default_factory=dict)
+    replicas: int = 1
+    hwm: int = DEFAULT_HWM
+    stream: bool | None = None
+    address: str | None = None
+
+    def replica_name(self, replica: int) -> str:
+        return f"{self.name}-{replica}"
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A whole pipeline: stages in flow order plus pipeline-wide settings."""
+
+    name: str
+    stages: tuple[StageSpec, ...]
+    hwm: int = DEFAULT_HWM
+    grace: float = DEFAULT_GRACE
+    control: str | None = None
+    startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    base_dir: Path | None = None
+    path: Path | None = None
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        known = ", ".join(s.name for s in self.stages)
+        raise ConfigError(f"{self.where}: no stage named {name!r} (stages: {known})")
+
+    def index(self, name: str) -> int:
+        return self.stages.index(self.stage(name))
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else f"pipeline {self.name!r}"
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Every endpoint of a pipeline: the supervisor's and each replica's input."""
+
+    control: str
+    inputs: dict[str, tuple[str, ...]]  # stage name -> one address per replica; () for the source
+
+
+def load(path: str | Path) -> PipelineSpec:
+    """Read and validate a pipeline.toml (syntax and fields; imports are checked elsewhere)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(data, where=str(path), base_dir=path.resolve().parent, path=path)
+
+
+def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | None = None,
+              path: Path | None = None) -> PipelineSpec:
+    """Validate an already parsed pipeline description."""
+    _check_keys(data, {"pipeline", "stages"}, where)
+    pipeline = data.get("pipeline")
+    if not isinstance(pipeline, dict):
+        raise ConfigError(f"{where}: missing [pipeline] table (with at least name = \"...\")")
+    _check_keys(pipeline, PIPELINE_KEYS, f"{where}: [pipeline]")
+    name = pipeline.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{where}: [pipeline] name is required and must use letters, digits, "
+                          f"'-' and '_' (got {name!r})")
+    hwm = _positive_int(pipeline, "hwm", DEFAULT_HWM, f"{where}: [pipeline]")
+    grace = _positive_number(pipeline, "grace", DEFAULT_GRACE, f"{where}: [pipeline]")
+    startup = _positive_number(pipeline, "startup_timeout", DEFAULT_STARTUP_TIMEOUT,
+                               f"{where}: [pipeline]")
+    control = pipeline.get("control")
+    if control is not None:
+        _check_tcp(control, f"{where}: [pipeline] control")
+
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise ConfigError(f"{where}: no stages: add at least one [[stages]] table")
+    stages = []
+    seen: set[str] = set()
+    for position, raw in enumerate(raw_stages, start=1):
+        stage = _stage(raw, position, hwm, where)
+        if stage.name in seen:
+            raise ConfigError(f"{where}: stage {stage.name!r}: duplicate name "
+                              f"(stage #{position} reuses it)")
+        seen.add(stage.name)
+        stages.append(stage)
+    return PipelineSpec(name=name, stages=tuple(stages), hwm=hwm, grace=grace, control=control,
+                        startup_timeout=startup, base_dir=base_dir, path=path)
+
+
+def _stage(raw: Any, position: int, default_hwm: int, where: str) -> StageSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: stage #{position} must be a table ([[stages]])")
+    name = raw.get("name")
+    label = f"stage #{position}" if not isinstance(name, str) else f"stage {name!r}"
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"{where}: {label}: field 'name' is required and must use letters, "
+                          f"digits, '-' and '_' (got {name!r})")
+    _check_keys(raw, STAGE_KEYS, f"{where}: {label}")
+    run = raw.get("run")
+    if not isinstance(run, str) or not RUN_RE.match(run):
+        raise ConfigError(f"{where}: {label}: field 'run' must be \"module:attribute\", "
+                          f"for example \"stages:square\" (got {run!r})")
+    params = raw.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}: {label}: field 'params' must be a table of keyword "
+                          f"arguments (got {type(params).__name__})")
+    replicas = _positive_int(raw, "replicas", 1, f"{where}: {label}")
+    hwm = _positive_int(raw, "hwm", default_hwm, f"{where}: {label}")
+    stream = raw.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ConfigError(f"{where}: {label}: field 'stream' must be true or false "
+                          f"(got {stream!r})")
+    address = raw.get("address")
+    if address is not None:
+        _check_tcp(address, f"{where}: {label}: field 'address'")
+        if position == 1:
+            raise ConfigError(f"{where}: {label}: field 'address' is the address a stage "
+                              f"receives on; the first stage receives nothing")
+    return StageSpec(name=name, run=run, params=params, replicas=replicas, hwm=hwm,
+                     stream=stream, address=address)
+
+
+def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field {unknown[0]!r} "
+                          f"(allowed: {', '.join(sorted(allowed))})")
+
+
+def _positive_int(table: dict[str, Any], key: str, default: int, where: str) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: field {key!r} must be a whole number >= 1 (got {value!r})")
+    return value
+
+
+def _positive_number(table: dict[str, Any], key: str, default: float, where: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConfigError(f"{where}: field {key!r} must be a number of seconds > 0 "
+                          f"(got {value!r})")
+    return float(value)
+
+
+def _check_tcp(address: Any, where: str) -> None:
+    match = TCP_RE.match(address) if isinstance(address, str) else None
+    if not match or not 0 < int(match["port"]) < 65536:
+        raise ConfigError(f"{where} must be \"tcp://HOST:PORT\" (got {address!r})")
+
+
+def plan_addresses(spec: PipelineSpec, runtime_dir: str | Path) -> Addresses:
+    """Compute every endpoint; ipc in ``runtime_dir`` unless the file names tcp ones.
+
+    A stage with ``address = "tcp://HOST:PORT"`` gives replica i port PORT + i.
+    """
+    runtime_dir = Path(runtime_dir)
+    control = spec.control or f"ipc://{runtime_dir / 'control'}"
+    inputs: dict[str, tuple[str, ...]] = {}
+    for position, stage in enumerate(spec.stages):
+        if position == 0:
+            inputs[stage.name] = ()
+        elif stage.address:
+            match = TCP_RE.match(stage.address)
+            assert match is not None
+            port = int(match["port"])
+            inputs[stage.name] = tuple(f"tcp://{match['host']}:{port + i}"
+                                       for i in range(stage.replicas))
+        else:
+            inputs[stage.name] = tuple(f"ipc://{runtime_dir / stage.replica_name(i)}"
+                                       for i in range(stage.replicas))
+    return Addresses(control=control, inputs=inputs)

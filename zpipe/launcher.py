@@ -1,0 +1,184 @@
+"""`zpipe launch`: check a pipeline, start every replica as a process, supervise it.
+
+There is no broker: the launcher computes every address, hands each process
+its own (through `zpipe stage FILE NAME --replica I` and the environment),
+runs the supervisor in its own process, and relays every child's output
+prefixed with its replica name, as `docker compose up` does.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import IO, Callable
+
+from . import shapes
+from .config import PipelineSpec, load, plan_addresses
+from .shapes import Callee
+from .supervisor import Outcome, Supervisor
+from .worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
+
+REAP_TIMEOUT = 5.0
+
+
+def check(spec: PipelineSpec) -> list[Callee]:
+    """Import every stage and check its shape and params; raises ConfigError."""
+    callees = []
+    for index, stage in enumerate(spec.stages):
+        callees.append(shapes.resolve(stage.name, stage.run, stage.params, first=index == 0,
+                                      stream=stage.stream, replicas=stage.replicas,
+                                      base_dir=spec.base_dir, where=spec.where))
+    return callees
+
+
+def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -> str:
+    """What `zpipe validate` prints: stages, shapes, replicas, addresses and HWMs."""
+    addresses = plan_addresses(spec, runtime_dir)
+    processes = sum(s.replicas for s in spec.stages)
+    lines = [f"pipeline {spec.name!r}: {len(spec.stages)} stages, {processes} replica "
+             f"processes, supervisor at {addresses.control}"]
+    for index, (stage, callee) in enumerate(zip(spec.stages, callees)):
+        role = "source" if index == 0 else "sink" if index == len(spec.stages) - 1 else "stage"
+        lines.append(f"  {index + 1}. {stage.name} ({role}): {stage.run} -> {callee.describe()}, "
+                     f"replicas {stage.replicas}")
+        if index > 0:
+            lines.append(f"     input hwm {stage.hwm}: {', '.join(addresses.inputs[stage.name])}")
+        if stage.params:
+            lines.append(f"     params: {stage.params}")
+    return "\n".join(lines)
+
+
+class LocalProcesses:
+    """Replica processes on this host; implements supervisor.Workers."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.reported: set[str] = set()
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.procs[name] = proc
+        return proc
+
+    def exited(self) -> dict[str, int]:
+        ended = {}
+        for name, proc in self.procs.items():
+            if name not in self.reported and proc.poll() is not None:
+                self.reported.add(name)
+                ended[name] = proc.returncode
+        return ended
+
+    def _signal(self, names: list[str], signum: int) -> None:
+        for name in names:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                try:
+                    proc.send_signal(signum)
+                except ProcessLookupError:
+                    pass
+
+    def terminate(self, names: list[str]) -> None:
+        self._signal(names, signal.SIGTERM)
+
+    def kill(self, names: list[str]) -> None:
+        self._signal(names, signal.SIGKILL)
+
+    def reap(self) -> None:
+        """Make sure nothing is left: kill whatever still runs and wait for it."""
+        self.kill(list(self.procs))
+        for proc in self.procs.values():
+            try:
+                proc.wait(REAP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class OutputPump(threading.Thread):
+    """Copies every child's stdout and stderr to ours, each line prefixed with its replica."""
+
+    def __init__(self, out: IO[bytes], err: IO[bytes]):
+        super().__init__(name="zpipe-output", daemon=True)
+        self.out, self.err = out, err
+        self.selector = selectors.DefaultSelector()
+        self.width = 0
+
+    def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        self.width = max(self.width, len(name))
+        for stream, target in ((proc.stdout, self.out), (proc.stderr, self.err)):
+            assert stream is not None
+            os.set_blocking(stream.fileno(), False)
+            self.selector.register(stream, selectors.EVENT_READ, [name, target, b""])
+
+    def run(self) -> None:
+        while self.selector.get_map():
+            for key, _ in self.selector.select(timeout=1.0):
+                name, target, partial = key.data
+                try:
+                    chunk = os.read(key.fd, 65536)
+                except BlockingIOError:
+                    continue
+                prefix = f"{name:<{self.width}} | ".encode()
+                if not chunk:
+                    self.selector.unregister(key.fileobj)
+                    if partial:
+                        self._write(target, prefix + partial + b"\n")
+                    continue
+                *lines, key.data[2] = (partial + chunk).split(b"\n")
+                if lines:
+                    self._write(target, b"".join(prefix + line + b"\n" for line in lines))
+
+    @staticmethod
+    def _write(target: IO[bytes], data: bytes) -> None:
+        try:
+            target.write(data)
+            target.flush()
+        except (BrokenPipeError, ValueError):
+            pass
+
+
+def launch(path: str | Path, grace: float | None = None,
+           report: Callable[[str], None] | None = None,
+           out: IO[bytes] | None = None, err: IO[bytes] | None = None) -> Outcome:
+    """Run the pipeline in ``path`` to its end on this host; raises ConfigError for a bad file."""
+    path = Path(path).resolve()
+    spec = load(path)
+    check(spec)
+    report = report or (lambda text: print(f"zpipe: {text}", file=sys.stderr, flush=True))
+    runtime_dir = tempfile.mkdtemp(prefix=f"zpipe-{spec.name}-")
+    workers = LocalProcesses()
+    pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer)
+    previous: dict[int, object] = {}
+    try:
+        addresses = plan_addresses(spec, runtime_dir)
+        supervisor = Supervisor(spec, addresses.control, workers, report, grace=grace)
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(
+                    signum, lambda sig, frame: supervisor.request_stop(sig))
+        env = {**os.environ, ENV_RUNTIME_DIR: runtime_dir, ENV_PARENT_PID: str(os.getpid()),
+               "PYTHONUNBUFFERED": "1"}
+        for stage in spec.stages:
+            for replica in range(stage.replicas):
+                name = stage.replica_name(replica)
+                argv = [sys.executable, "-m", "zpipe", "stage", str(path), stage.name,
+                        "--replica", str(replica)]
+                pump.add(name, workers.start(name, argv, env))
+        pump.start()
+        outcome = supervisor.run()
+        report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
+        return outcome
+    finally:
+        workers.reap()
+        if pump.is_alive():
+            pump.join(1.0)  # a grandchild may hold a pipe open: do not wait on it
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+        shutil.rmtree(runtime_dir, ignore_errors=True)

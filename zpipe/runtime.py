@@ -1,0 +1,380 @@
+"""One replica of one stage: its sockets, its input and output, its life cycle.
+
+Life cycle, driven by the supervisor (see protocol.py)::
+
+    HELLO -> connect downstream, setup() -> READY -> [source: wait START]
+    -> run the body until its input ends (STOP) -> teardown() -> DONE -> wait EXIT
+
+The hot path (receive, decode, call, encode, send) checks the control socket
+with one cheap flag read per message; everything else happens when idle.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from . import codec, protocol, transport
+from .shapes import Body, Callee, Inputs
+
+log = logging.getLogger("zpipe")
+
+IDLE_POLL_MS = 1000
+HEARTBEAT_INTERVAL = 1.0
+ERROR_ACK_TIMEOUT = 10.0
+EXIT_WAIT_TIMEOUT = None  # a finished replica waits for EXIT as long as the supervisor lives
+
+
+class Aborted(Exception):
+    """The supervisor said ABORT: stop at once, without handing anything on."""
+
+
+class SourceStopped(Exception):
+    """The supervisor said STOP to a source: end production after the item just sent."""
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Where one replica connects: its control address, its input, its downstream."""
+
+    control: str
+    input: str | None              # None for a source
+    input_hwm: int
+    downstream: tuple[str, ...]    # () for a sink
+    downstream_hwm: int
+    connect_timeout: float = 60.0
+
+
+class Control:
+    """The replica's end of the control channel (a DEALER to the supervisor's ROUTER)."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.started = False
+        self.draining = False
+        self.stopped = False
+        self.exit = False
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.sock.send(protocol.pack(kind, **fields))
+
+    def pending(self) -> bool:
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def handle(self) -> None:
+        """Apply every waiting command; ABORT raises Aborted."""
+        while self.pending():
+            try:
+                kind, fields = protocol.unpack(self.sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except ValueError as exc:
+                log.warning("ignored a control message: %s", exc)
+                continue
+            if kind == protocol.START:
+                self.started = True
+            elif kind == protocol.DRAIN:
+                self.draining = True
+            elif kind == protocol.STOP:
+                self.stopped = True
+            elif kind == protocol.EXIT:
+                self.exit = True
+            elif kind == protocol.ABORT:
+                raise Aborted(fields.get("reason", "aborted"))
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Handle commands until ``condition()`` holds; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.handle()
+            if condition():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self.sock.poll(100 if deadline is None else
+                           max(1, min(100, int((deadline - time.monotonic()) * 1000))))
+
+
+class Inbox(Inputs):
+    """The items arriving on a replica's PULL socket, as an iterator.
+
+    It ends when the supervisor says STOP, which it does only once the
+    replicas of this stage together have received every item upstream sent.
+    """
+
+    def __init__(self, sock: zmq.Socket, control: Control, stage: str):
+        self.sock = sock
+        self.control = control
+        self.stage = stage
+        self.buffer: collections.deque[Any] = collections.deque()
+        self.received = 0
+        self.reported: int | None = None
+        self.malformed = 0
+        self.last_item: Any = None
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(control.sock, zmq.POLLIN)
+
+    def __next__(self) -> Any:
+        if not self.buffer:
+            self._fill(block=True)
+            if not self.buffer:
+                raise StopIteration
+        item = self.last_item = self.buffer.popleft()
+        return item
+
+    def batches(self) -> Any:
+        """Lists of every item waiting (at least one), for ``set_get_all()``."""
+        while True:
+            if not self.buffer:
+                self._fill(block=True)
+                if not self.buffer:
+                    return
+            while self._fill(block=False):
+                pass
+            batch = list(self.buffer)
+            self.buffer.clear()
+            self.last_item = batch
+            yield batch
+
+    def _fill(self, block: bool) -> bool:
+        """Receive one message into the buffer; False when none came (ended, or not blocking)."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                if not block or self.control.stopped:
+                    return False
+                self._idle()
+                continue
+            if self.control.pending():
+                self.control.handle()
+            try:
+                items = codec.decode(frames)
+            except codec.DecodeError as exc:
+                self.malformed += 1
+                log.warning("stage %r dropped a malformed message (%d so far): %s",
+                            self.stage, self.malformed, exc)
+                continue
+            self.received += len(items)
+            self.buffer.extend(items)
+            return True
+
+    def _idle(self) -> None:
+        if self.control.draining and self.received != self.reported:
+            self.control.send(protocol.RECEIVED, received=self.received)
+            self.reported = self.received
+        events = dict(self.poller.poll(IDLE_POLL_MS))
+        if self.control.sock in events:
+            self.control.handle()
+
+
+class Outbox:
+    """Encodes and sends a replica's outputs, blocking (never dropping) when downstream is full."""
+
+    def __init__(self, sock: zmq.Socket | None, control: Control, source: bool):
+        self.sock = sock
+        self.control = control
+        self.source = source
+        self.sent = 0
+        if sock is not None:
+            self.poller = zmq.Poller()
+            self.poller.register(sock, zmq.POLLOUT)
+            self.poller.register(control.sock, zmq.POLLIN)
+
+    def send(self, item: Any) -> None:
+        if self.sock is not None:
+            frames = codec.encode((item,))
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self._send_blocking(frames)
+        self.sent += 1
+        if self.control.pending():
+            self.control.handle()
+        if self.source and self.control.stopped:
+            raise SourceStopped()
+
+    def _send_blocking(self, frames: list[Any]) -> None:
+        assert self.sock is not None
+        while True:
+            events = dict(self.poller.poll(IDLE_POLL_MS))
+            if self.control.sock in events:
+                self.control.handle()
+            if self.sock in events:
+                try:
+                    self.sock.send_multipart(frames, zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    continue
+
+
+class Heartbeat(threading.Thread):
+    """Sends heartbeats with counts; gives up the replica if the supervisor goes silent.
+
+    It has its own DEALER socket (ZeroMQ sockets belong to one thread), so it
+    keeps beating while the main thread is inside a long user call.
+    """
+
+    def __init__(self, ctx: zmq.Context, address: str, identity: str,
+                 counts: Callable[[], dict[str, int]], supervisor_timeout: float,
+                 on_lost: Callable[[], None]):
+        super().__init__(name=f"zpipe-heartbeat-{identity}", daemon=True)
+        self.ctx = ctx
+        self.address = address
+        self.identity = identity
+        self.counts = counts
+        self.supervisor_timeout = supervisor_timeout
+        self.on_lost = on_lost
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        sock = transport.dealer(self.ctx, self.address, f"{self.identity}/hb")
+        last_ping = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                sock.send(protocol.pack(protocol.HEARTBEAT, **self.counts()))
+                deadline = time.monotonic() + HEARTBEAT_INTERVAL
+                while (left := deadline - time.monotonic()) > 0 and not self.stopping.is_set():
+                    if sock.poll(int(left * 1000) + 1):
+                        sock.recv()
+                        last_ping = time.monotonic()
+                if time.monotonic() - last_ping > self.supervisor_timeout:
+                    self.on_lost()
+                    return
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            sock.close(0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+class Replica:
+    """Runs one replica to its end and returns its exit status (0 ok, 1 failed)."""
+
+    def __init__(self, callee: Callee, replica: int, replicas: int, wiring: Wiring,
+                 ctx: zmq.Context | None = None):
+        self.callee = callee
+        self.stage = callee.stage
+        self.replica = replica
+        self.name = f"{callee.stage}-{replica}"
+        self.wiring = wiring
+        self.body = Body(callee, replica, replicas)
+        self.own_ctx = ctx is None
+        self.ctx = ctx or zmq.Context()
+        self.control: Control | None = None
+        self.inbox: Inbox | None = None
+        self.outbox: Outbox | None = None
+        self.phase = "start"
+
+    def counts(self) -> dict[str, int]:
+        return {"received": self.inbox.received if self.inbox else 0,
+                "sent": self.outbox.sent if self.outbox else 0}
+
+    def run(self) -> int:
+        sockets: list[zmq.Socket] = []
+        control_sock = transport.dealer(self.ctx, self.wiring.control, self.name)
+        sockets.append(control_sock)
+        control = self.control = Control(control_sock)
+        status = 0
+        try:
+            control.send(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
+                         version=codec.PROTOCOL_VERSION)
+            self.phase = "connect"
+            if self.wiring.input is not None:
+                pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm)
+                sockets.append(pull)
+                self.inbox = Inbox(pull, control, self.stage)
+            push = None
+            if self.wiring.downstream:
+                push = transport.push(self.ctx, self.wiring.downstream, self.wiring.downstream_hwm)
+                sockets.append(push)
+                transport.wait_connected(push, len(self.wiring.downstream), control.handle,
+                                         self.wiring.connect_timeout)
+            self.outbox = Outbox(push, control, source=self.inbox is None)
+            self.phase = "setup"
+            try:
+                self.body.setup()
+                control.send(protocol.READY)
+                if self.inbox is None:
+                    control.wait_for(lambda: control.started or control.stopped)
+                self.phase = "run"
+                if not (self.inbox is None and control.stopped):
+                    self._run_body()
+            finally:
+                self.phase = "teardown"
+                self.body.teardown()
+            control.send(protocol.DONE, **self.counts())
+            self.phase = "done"
+            control.wait_for(lambda: control.exit, EXIT_WAIT_TIMEOUT)
+        except Aborted:
+            status = 0
+        except Exception as exc:  # noqa: BLE001 - every failure goes to the supervisor
+            status = 1
+            self._report(exc)
+        finally:
+            for sock in sockets:
+                sock.close(0 if status == 0 else transport.LINGER_MS)
+            if self.own_ctx:
+                self.ctx.term()
+        return status
+
+    def _run_body(self) -> None:
+        assert self.outbox is not None and self.control is not None
+        try:
+            self.body.run(self.inbox, self.outbox.send)
+        except SourceStopped:
+            return
+        if self.inbox is not None and not self.control.stopped:
+            # The function returned before its input ended (like a `head`): the
+            # rest of the input must still be received, or upstream never
+            # finishes; it is counted and said, not silently lost.
+            discarded = sum(1 for _ in self.inbox)
+            if discarded:
+                log.warning("stage %r replica %s: the function returned before its input "
+                            "ended; %d later items were discarded", self.stage, self.name,
+                            discarded)
+
+    def _report(self, exc: BaseException) -> None:
+        assert self.control is not None
+        item = self.inbox.last_item if self.inbox else None
+        item_type = type(item).__name__ if self.inbox and self.phase == "run" else None
+        try:
+            self.control.send(protocol.ERROR, exc_type=_qualified(type(exc)), message=str(exc),
+                              traceback=format_user_traceback(exc), phase=self.phase,
+                              item_type=item_type, **self.counts())
+            # Wait until the supervisor has it (it answers ABORT), so the report
+            # can never be overtaken by the news of this process's exit.
+            self.control.wait_for(lambda: False, ERROR_ACK_TIMEOUT)
+        except Aborted:
+            pass
+        except zmq.ZMQError:
+            pass
+
+
+def _qualified(cls: type) -> str:
+    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+_OWN_FILES = str(Path(__file__).resolve().parent)
+
+
+def format_user_traceback(exc: BaseException) -> str:
+    """The traceback without zpipe's own frames, so the user's code stands out."""
+    info = traceback.TracebackException.from_exception(exc)
+    frames = [f for f in info.stack if not str(Path(f.filename).resolve()).startswith(_OWN_FILES)]
+    if frames:
+        info.stack = traceback.StackSummary.from_list(frames)
+    return "".join(info.format())

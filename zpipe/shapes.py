@@ -1,0 +1,262 @@
+"""What a stage's ``run`` names, which shape it has, and how it is driven.
+
+Shapes (see README): a source ``f(**params)`` returning an iterable; a plain
+function ``f(item, **params)``; a stream function ``f(items, **params)``
+yielding outputs; a ``zpipe.Stage`` subclass built as ``Cls(**params)``.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import enum
+import importlib
+import importlib.machinery
+import inspect
+import re
+import sys
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import ConfigError
+from .stage import Stage
+
+
+class Shape(enum.Enum):
+    SOURCE = "source"
+    PLAIN = "plain function"
+    FLATMAP = "plain generator (one call per item, every yield sent)"
+    STREAM = "stream function"
+    CLASS = "class"
+    SOURCE_CLASS = "source class"
+
+
+@dataclass(frozen=True)
+class Callee:
+    """A resolved stage: the target, its shape and the keyword arguments to call it with."""
+
+    stage: str
+    target: Any
+    shape: Shape
+    params: dict[str, Any]
+
+    def describe(self) -> str:
+        name = getattr(self.target, "__qualname__", type(self.target).__name__)
+        return f"{name} ({self.shape.value})"
+
+
+def import_target(run: str, base_dir: Path | None, where: str) -> Any:
+    """Import ``module:attribute``, the module looked up first in ``base_dir``."""
+    module_name, _, attr_path = run.partition(":")
+    if base_dir is not None:
+        base = str(base_dir)
+        if base not in sys.path:
+            sys.path.insert(0, base)
+        top = module_name.split(".")[0]
+        local = importlib.machinery.PathFinder.find_spec(top, [base])
+        loaded = sys.modules.get(top)
+        if local is not None and loaded is not None and local.origin != getattr(loaded, "__file__", None):
+            raise ConfigError(f"{where}: field 'run': module {top!r} in {base} has the name of a "
+                              f"module Python has already loaded from elsewhere; rename it")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise ConfigError(f"{where}: field 'run': no module named {exc.name!r} "
+                              f"(looked in {base_dir or 'sys.path'} and sys.path)") from None
+        raise ConfigError(f"{where}: field 'run': importing {module_name!r} failed: "
+                          f"ModuleNotFoundError: {exc}") from exc
+    except Exception as exc:
+        raise ConfigError(f"{where}: field 'run': importing {module_name!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    target: Any = module
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"{where}: field 'run': module {module_name!r} has no attribute "
+                              f"{attr_path!r}") from None
+    if not callable(target):
+        raise ConfigError(f"{where}: field 'run': {run!r} is a {type(target).__name__}, "
+                          f"not a function or class")
+    return target
+
+
+def classify(target: Any, first: bool, stream: bool | None, where: str) -> Shape:
+    """Decide how a stage is called from what it is and where it sits."""
+    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+        raise ConfigError(f"{where}: async functions are not supported; write a plain "
+                          f"function or a generator")
+    if inspect.isclass(target) and issubclass(target, Stage):
+        if stream:
+            raise ConfigError(f"{where}: field 'stream': a zpipe.Stage class takes items one "
+                              f"by one (or as lists after set_get_all()); drop 'stream'")
+        if first:
+            if target.generate is Stage.generate:
+                raise ConfigError(f"{where}: {target.__name__} is the first stage, so it must "
+                                  f"define generate(self) yielding items")
+            return Shape.SOURCE_CLASS
+        if target.process is Stage.process and target.stage_run is Stage.stage_run:
+            raise ConfigError(f"{where}: {target.__name__} must define process(self, item)")
+        return Shape.CLASS
+    if first:
+        return Shape.SOURCE
+    if stream is True:
+        return Shape.STREAM
+    if stream is False:
+        return Shape.FLATMAP if inspect.isgeneratorfunction(target) else Shape.PLAIN
+    if inspect.isgeneratorfunction(target) or _first_param_is_iterable(target):
+        return Shape.STREAM
+    return Shape.PLAIN
+
+
+_ITERABLE_TYPES = (collections.abc.Iterable, collections.abc.Iterator,
+                   collections.abc.Generator, typing.Iterable, typing.Iterator, typing.Generator)
+_ITERABLE_TEXT = re.compile(r"^(?:typing\.|t\.|abc\.|collections\.abc\.)?(?:Iterable|Iterator|Generator)\b")
+
+
+def _first_param_is_iterable(target: Any) -> bool:
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not params or params[0].annotation is inspect.Parameter.empty:
+        return False
+    annotation = params[0].annotation
+    if isinstance(annotation, str):
+        try:
+            annotation = typing.get_type_hints(target).get(params[0].name, annotation)
+        except Exception:
+            return bool(_ITERABLE_TEXT.match(annotation))
+        if isinstance(annotation, str):
+            return bool(_ITERABLE_TEXT.match(annotation))
+    origin = typing.get_origin(annotation) or annotation
+    return origin in _ITERABLE_TYPES
+
+
+def source_accepts_sharding(target: Any) -> bool:
+    """True when a source takes ``replica`` and ``replicas`` to split its work itself."""
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return False
+    return "replica" in params and "replicas" in params
+
+
+def check_params(target: Any, shape: Shape, params: dict[str, Any], where: str,
+                 extra: dict[str, Any] | None = None) -> None:
+    """Fail unless ``params`` fit the callable's signature for its shape."""
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # builtins without a signature: let the call itself decide
+    kwargs = {**params, **(extra or {})}
+    try:
+        if shape in (Shape.SOURCE, Shape.CLASS, Shape.SOURCE_CLASS):
+            signature.bind(**kwargs)
+        else:
+            signature.bind(object(), **kwargs)
+    except TypeError as exc:
+        name = getattr(target, "__name__", repr(target))
+        given = ", ".join(sorted(params)) or "none"
+        raise ConfigError(f"{where}: field 'params' does not fit {name}{signature}: {exc} "
+                          f"(params given: {given})") from None
+
+
+def resolve(stage_name: str, run: str, params: dict[str, Any], first: bool, stream: bool | None,
+            replicas: int, base_dir: Path | None, where: str) -> Callee:
+    """Import, classify and check one stage; everything a replica needs to call it."""
+    where = f"{where}: stage {stage_name!r}"
+    target = import_target(run, base_dir, where)
+    return resolve_target(stage_name, target, params, first, stream, replicas, where)
+
+
+def resolve_target(stage_name: str, target: Any, params: dict[str, Any], first: bool,
+                   stream: bool | None, replicas: int, where: str) -> Callee:
+    shape = classify(target, first, stream, where)
+    extra = None
+    if shape is Shape.SOURCE and replicas > 1:
+        if not source_accepts_sharding(target):
+            raise ConfigError(f"{where}: field 'replicas': a first stage with {replicas} "
+                              f"replicas would produce every item {replicas} times; give the "
+                              f"function 'replica' and 'replicas' parameters to split the work, "
+                              f"or use replicas = 1")
+        extra = {"replica": 0, "replicas": replicas}
+    check_params(target, shape, params, where, extra)
+    return Callee(stage=stage_name, target=target, shape=shape, params=dict(params))
+
+
+class Body:
+    """A stage ready to run in its replica: ``setup()``, ``run(inputs, send)``, ``teardown()``.
+
+    The runtime sends READY between ``setup`` and ``run``, so a model that loads
+    in ``setup`` is loaded before the source begins.
+    """
+
+    def __init__(self, callee: Callee, replica: int = 0, replicas: int = 1):
+        self.callee = callee
+        self.replica = replica
+        self.replicas = replicas
+        self.instance: Any = None
+
+    def setup(self) -> None:
+        if self.callee.shape in (Shape.CLASS, Shape.SOURCE_CLASS):
+            self.instance = self.callee.target(**self.callee.params)
+            self.instance.setup()
+
+    def teardown(self) -> None:
+        if self.instance is not None:
+            instance, self.instance = self.instance, None
+            instance.teardown()
+
+    def run(self, inputs: "Inputs | None", send: Callable[[Any], None]) -> None:
+        """Feed the body its inputs until they end; pass every output to ``send``."""
+        callee = self.callee
+        target, params, shape = callee.target, callee.params, callee.shape
+        if shape is Shape.SOURCE:
+            if self.replicas > 1 or source_accepts_sharding(target):
+                params = {**params, "replica": self.replica, "replicas": self.replicas}
+            _send_all(target(**params), send, callee)
+        elif shape is Shape.SOURCE_CLASS:
+            _send_all(self.instance.generate(), send, callee)
+        elif shape is Shape.STREAM:
+            assert inputs is not None
+            result = target(inputs, **params)
+            if result is not None:
+                _send_all(result, send, callee)
+        else:
+            assert inputs is not None
+            if shape is Shape.CLASS:
+                process = self.instance.process
+                items = inputs.batches() if self.instance.get_all else inputs
+            else:
+                process = lambda item: target(item, **params)  # noqa: E731
+                items = inputs
+            flat = shape is Shape.FLATMAP
+            for item in items:
+                out = process(item)
+                if flat:
+                    _send_all(out, send, callee)
+                elif out is not None:
+                    send(out)
+
+
+def _send_all(outputs: Any, send: Callable[[Any], None], callee: Callee) -> None:
+    if not isinstance(outputs, Iterable):
+        raise TypeError(f"stage {callee.stage!r}: {callee.describe()} returned "
+                        f"{type(outputs).__name__}, not an iterable of items")
+    try:
+        for out in outputs:
+            send(out)
+    finally:
+        close = getattr(outputs, "close", None)
+        if close is not None:
+            close()
+
+
+class Inputs(Iterator[Any]):
+    """What a stage body iterates over; the runtime provides the implementation."""
+
+    def batches(self) -> Iterator[list[Any]]:
+        raise NotImplementedError

@@ -1,0 +1,359 @@
+"""The supervisor: readiness, error relay and the ordered drain of a running pipeline.
+
+It binds a ROUTER that every replica's DEALER connects to, and drives the
+pipeline through these steps (message names from protocol.py):
+
+1. Start: every replica says HELLO, then READY once its sockets are connected
+   and its set-up is done. Only then do the sources get START, so no item is
+   sent before every replica downstream is listening.
+2. Drain, stage by stage in flow order: when every replica of stage k is DONE,
+   the supervisor knows how many items stage k sent (counted by the senders).
+   It sends DRAIN to stage k+1, whose replicas report how many they received
+   each time their input runs dry. When the reports add up to what stage k
+   sent, every item has arrived: stage k+1 gets STOP (its input ends) and
+   stage k gets EXIT (its outputs are all delivered, so it may close).
+3. Failure: an ERROR, or a replica that exits without one, is reported with
+   stage, replica, exception and traceback; every replica gets ABORT, then
+   SIGTERM, then SIGKILL, each after a bounded wait.
+4. Interrupt: the first request stops the sources and lets the rest drain for
+   ``grace`` seconds, then aborts; a second one kills at once.
+"""
+
+from __future__ import annotations
+
+import signal as signals
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import zmq
+
+from . import protocol, transport
+from .config import PipelineSpec
+
+TICK_MS = 100
+ABORT_WAIT = 3.0      # after ABORT, how long before SIGTERM
+TERMINATE_WAIT = 3.0  # after SIGTERM, how long before SIGKILL
+
+
+class Workers(Protocol):
+    """The replicas' processes (or threads), as the supervisor sees them."""
+
+    def exited(self) -> dict[str, int]:
+        """Replicas that ended since the last call: name -> exit status (negative: signal)."""
+
+    def terminate(self, names: list[str]) -> None: ...
+
+    def kill(self, names: list[str]) -> None: ...
+
+
+@dataclass
+class ReplicaState:
+    name: str
+    stage: str
+    replica: int
+    pid: int | None = None
+    hello: bool = False
+    ready: bool = False
+    done: bool = False
+    failed: bool = False
+    exited: bool = False
+    reported: int = 0
+    received: int = 0
+    sent: int = 0
+
+
+@dataclass
+class StageState:
+    name: str
+    replicas: list[ReplicaState]
+    status: str = "running"  # running -> draining -> stopping -> done
+    expected: int | None = None
+
+    @property
+    def received(self) -> int:
+        return sum(r.received for r in self.replicas)
+
+    @property
+    def sent(self) -> int:
+        return sum(r.sent for r in self.replicas)
+
+
+@dataclass
+class Failure:
+    stage: str
+    replica: str
+    kind: str                      # "error", "died" or "timeout"
+    message: str
+    exc_type: str | None = None
+    traceback: str | None = None
+    item_type: str | None = None
+    phase: str | None = None
+
+    def describe(self) -> str:
+        where = f"stage {self.stage!r} replica {self.replica}"
+        if self.kind == "timeout":
+            return self.message
+        if self.kind != "error":
+            return f"{where} {self.message}"
+        doing = {"run": f"while processing an item of type {self.item_type}" if self.item_type
+                 else "while running", "setup": "in setup", "connect": "while connecting",
+                 "teardown": "in teardown"}.get(self.phase or "", "")
+        head = f"{where} failed {doing}: {self.exc_type}: {self.message}".replace("  ", " ")
+        return f"{head}\n{self.traceback.rstrip()}" if self.traceback else head
+
+
+@dataclass
+class Outcome:
+    status: str                    # "ok", "failed" or "interrupted"
+    failures: list[Failure] = field(default_factory=list)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    signal: int | None = None
+    elapsed: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.status == "interrupted":
+            return 128 + (self.signal or signals.SIGINT)
+        return 1 if self.status == "failed" else 0
+
+
+class Supervisor:
+    """Runs one pipeline's control loop until every replica has ended."""
+
+    def __init__(self, spec: PipelineSpec, control_address: str, workers: Workers,
+                 report: Callable[[str], None], grace: float | None = None,
+                 ctx: zmq.Context | None = None):
+        self.spec = spec
+        self.workers = workers
+        self.report = report
+        self.grace = spec.grace if grace is None else grace
+        self.ctx = ctx or zmq.Context.instance()
+        self.router = transport.router(self.ctx, control_address)
+        self.stages = [StageState(s.name, [ReplicaState(s.replica_name(i), s.name, i)
+                                           for i in range(s.replicas)]) for s in spec.stages]
+        self.replicas = {r.name: r for st in self.stages for r in st.replicas}
+        self.failures: list[Failure] = []
+        self.pending_signals: list[int] = []
+        self.interrupted: int | None = None
+        self.started_at = time.monotonic()
+        self.running = False
+        self.aborting_since: float | None = None
+        self.terminated_since: float | None = None
+        self.killed = False
+        self.grace_deadline: float | None = None
+
+    # -- public ------------------------------------------------------------
+
+    def request_stop(self, signum: int = signals.SIGINT) -> None:
+        """Ask for a stop (safe to call from a signal handler)."""
+        self.pending_signals.append(signum)
+
+    def run(self) -> Outcome:
+        try:
+            while not all(r.exited for r in self.replicas.values()):
+                self._tick()
+        finally:
+            self.router.close(0)
+        if self.interrupted is not None:
+            status = "interrupted"
+        else:
+            status = "failed" if self.failures else "ok"
+        counts = {st.name: {"received": st.received, "sent": st.sent} for st in self.stages}
+        return Outcome(status, self.failures, counts, self.interrupted,
+                       time.monotonic() - self.started_at)
+
+    # -- loop --------------------------------------------------------------
+
+    def _tick(self) -> None:
+        if self.router.poll(TICK_MS):
+            while True:
+                try:
+                    identity, data = self.router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ValueError:
+                    continue
+                self._on_message(identity.decode(errors="replace"), data)
+        for name, status in self.workers.exited().items():
+            self._on_exit(self.replicas[name], status)
+        while self.pending_signals:
+            self._on_signal(self.pending_signals.pop(0))
+        self._check_timers()
+
+    def _send(self, replica: ReplicaState, kind: str, **fields: Any) -> None:
+        if not replica.exited:
+            self.router.send_multipart([replica.name.encode(), protocol.pack(kind, **fields)])
+
+    def _on_message(self, identity: str, data: bytes) -> None:
+        try:
+            kind, fields = protocol.unpack(data)
+        except ValueError as exc:
+            self.report(f"ignored a control message from {identity!r}: {exc}")
+            return
+        if identity.endswith("/hb"):
+            self.router.send_multipart([identity.encode(), protocol.pack(protocol.PING)])
+            return
+        replica = self.replicas.get(identity)
+        if replica is None:
+            self.report(f"ignored a {kind!r} message from unknown replica {identity!r}")
+            return
+        handler = getattr(self, f"_on_{kind}", None)
+        if handler is None:
+            self.report(f"ignored an unknown {kind!r} message from replica {identity}")
+            return
+        handler(replica, fields)
+
+    # -- messages ----------------------------------------------------------
+
+    def _on_hello(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        replica.hello, replica.pid = True, fields.get("pid")
+        if self.aborting_since is not None:
+            self._send(replica, protocol.ABORT, reason="the pipeline is stopping")
+
+    def _on_ready(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        replica.ready = True
+        if self.aborting_since is None and not self.running and all(
+                r.ready for r in self.replicas.values()):
+            self.running = True
+            elapsed = time.monotonic() - self.started_at
+            self.report(f"{self.spec.name}: {len(self.replicas)} replicas ready in "
+                        f"{elapsed:.2f} s; starting")
+            for source in self.stages[0].replicas:
+                self._send(source, protocol.START)
+
+    def _on_received(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        replica.reported = int(fields.get("received", 0))
+        self._check_drained(self._stage_of(replica))
+
+    def _on_done(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        replica.done = True
+        replica.received = int(fields.get("received", 0))
+        replica.sent = int(fields.get("sent", 0))
+        stage = self._stage_of(replica)
+        if not all(r.done for r in stage.replicas) or stage.status == "done":
+            return
+        index = self.stages.index(stage)
+        if stage.expected is not None and stage.received != stage.expected:
+            self._fail(Failure(stage.name, replica.name, "error", exc_type="zpipe.CountMismatch",
+                               message=f"received {stage.received} items, upstream sent "
+                                       f"{stage.expected}"))
+            return
+        stage.status = "done"
+        self.report(f"stage {stage.name!r} finished: {stage.received} in, {stage.sent} out")
+        if index + 1 < len(self.stages):
+            following = self.stages[index + 1]
+            following.status, following.expected = "draining", stage.sent
+            for r in following.replicas:
+                self._send(r, protocol.DRAIN, expected=stage.sent)
+        else:
+            for r in stage.replicas:
+                self._send(r, protocol.EXIT)
+
+    def _on_error(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        replica.failed = True
+        replica.received = int(fields.get("received", replica.received))
+        replica.sent = int(fields.get("sent", replica.sent))
+        self._fail(Failure(replica.stage, replica.name, "error",
+                           message=str(fields.get("message", "")),
+                           exc_type=fields.get("exc_type"), traceback=fields.get("traceback"),
+                           item_type=fields.get("item_type"), phase=fields.get("phase")))
+        self._send(replica, protocol.ABORT, reason="failed")
+
+    def _on_heartbeat(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        pass  # heartbeats arrive on the "/hb" identity; see _on_message
+
+    # -- drain -------------------------------------------------------------
+
+    def _stage_of(self, replica: ReplicaState) -> StageState:
+        return self.stages[self.spec.index(replica.stage)]
+
+    def _check_drained(self, stage: StageState) -> None:
+        if stage.status != "draining" or stage.expected is None:
+            return
+        total = sum(r.reported for r in stage.replicas)
+        if total > stage.expected:
+            self._fail(Failure(stage.name, "*", "error", exc_type="zpipe.CountMismatch",
+                               message=f"received {total} items, upstream sent only "
+                                       f"{stage.expected}"))
+        elif total == stage.expected:
+            stage.status = "stopping"
+            for r in stage.replicas:
+                self._send(r, protocol.STOP)
+            upstream = self.stages[self.stages.index(stage) - 1]
+            for r in upstream.replicas:
+                self._send(r, protocol.EXIT)
+
+    # -- failures, exits, signals ---------------------------------------------
+
+    def _fail(self, failure: Failure) -> None:
+        self.failures.append(failure)
+        self.report(failure.describe())
+        self._abort("a stage failed")
+
+    def _abort(self, reason: str) -> None:
+        if self.aborting_since is not None:
+            return
+        self.aborting_since = time.monotonic()
+        self.report(f"{self.spec.name}: stopping every stage ({reason})")
+        for stage in self.stages:
+            for r in stage.replicas:
+                self._send(r, protocol.ABORT, reason=reason)
+
+    def _on_exit(self, replica: ReplicaState, status: int) -> None:
+        replica.exited = True
+        expected = (replica.done and status == 0) or replica.failed or \
+            self.aborting_since is not None or self.killed
+        if not expected:
+            self._fail(Failure(replica.stage, replica.name, "died",
+                               message=f"(pid {replica.pid}) died without a word: "
+                                       f"{describe_status(status)}"))
+
+    def _on_signal(self, signum: int) -> None:
+        if self.interrupted is None:
+            self.interrupted = signum
+            if not self.running or self.aborting_since is not None:
+                self._abort(f"{signals.Signals(signum).name}")
+                return
+            self.report(f"{self.spec.name}: {signals.Signals(signum).name}: stopping the "
+                        f"source; draining for up to {self.grace:g} s (again to kill at once)")
+            self.grace_deadline = time.monotonic() + self.grace
+            for r in self.stages[0].replicas:
+                self._send(r, protocol.STOP)
+        else:
+            self.report(f"{self.spec.name}: killing every stage now")
+            self.killed = True
+            self.workers.kill(self._alive())
+
+    def _alive(self) -> list[str]:
+        return [r.name for r in self.replicas.values() if not r.exited]
+
+    def _check_timers(self) -> None:
+        now = time.monotonic()
+        if not self.running and self.aborting_since is None and \
+                now - self.started_at > self.spec.startup_timeout:
+            waiting = [r.name + (" (in set-up or connecting)" if r.hello else " (not started)")
+                       for r in self.replicas.values() if not r.ready]
+            self._fail(Failure(self.spec.name, "-", "timeout",
+                               message=f"replicas not ready after {self.spec.startup_timeout:g} s: "
+                                       f"{', '.join(waiting)}"))
+        if self.grace_deadline is not None and now > self.grace_deadline and \
+                self.aborting_since is None:
+            self._abort(f"grace period of {self.grace:g} s over")
+        if self.aborting_since is not None and not self.killed:
+            if self.terminated_since is None and now - self.aborting_since > ABORT_WAIT:
+                self.terminated_since = now
+                self.workers.terminate(self._alive())
+            elif self.terminated_since is not None and now - self.terminated_since > TERMINATE_WAIT:
+                self.killed = True
+                self.workers.kill(self._alive())
+
+
+def describe_status(status: int) -> str:
+    if status < 0:
+        try:
+            name = signals.Signals(-status).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-status} ({name})"
+    return f"exited with status {status}"

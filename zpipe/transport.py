@@ -1,0 +1,92 @@
+"""ZeroMQ sockets as zpipe uses them: every one with a finite LINGER and HWMs.
+
+Each replica binds a PULL socket on its own input address; upstream replicas
+connect a PUSH socket to every replica of the next stage, which spreads items
+round-robin over them and blocks when all are full (backpressure).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+# Nothing may hang at exit: a socket drops what it could not deliver after
+# this long. zpipe never relies on LINGER to deliver items: a replica exits
+# only once the supervisor has counted its outputs downstream.
+LINGER_MS = 1000
+
+
+def _socket(ctx: zmq.Context, kind: int, hwm: int | None = None) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    if hwm is not None:
+        sock.setsockopt(zmq.SNDHWM, hwm)
+        sock.setsockopt(zmq.RCVHWM, hwm)
+    return sock
+
+
+def pull(ctx: zmq.Context, address: str, hwm: int) -> zmq.Socket:
+    """A stage replica's input, bound on its own address."""
+    sock = _socket(ctx, zmq.PULL, hwm)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise OSError(f"cannot bind {address}: {exc}") from None
+    return sock
+
+
+def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int) -> zmq.Socket:
+    """A stage replica's output, connected to every replica of the next stage."""
+    sock = _socket(ctx, zmq.PUSH, hwm)
+    for address in addresses:
+        sock.connect(address)
+    return sock
+
+
+def dealer(ctx: zmq.Context, address: str, identity: str) -> zmq.Socket:
+    sock = _socket(ctx, zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.connect(address)
+    return sock
+
+
+def router(ctx: zmq.Context, address: str) -> zmq.Socket:
+    sock = _socket(ctx, zmq.ROUTER)
+    sock.setsockopt(zmq.RCVHWM, 0)  # control traffic is small; never drop a report
+    sock.setsockopt(zmq.SNDHWM, 0)
+    try:
+        sock.bind(address)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise OSError(f"cannot bind the supervisor's control socket {address}: {exc}") from None
+    return sock
+
+
+def wait_connected(sock: zmq.Socket, peers: int, on_idle: Callable[[], None],
+                   timeout: float) -> None:
+    """Block until ``sock`` has completed a handshake with ``peers`` peers.
+
+    This is what avoids the slow-joiner burst: a source starts only once every
+    replica downstream is really connected. ``on_idle`` runs about every 100 ms
+    (it may raise to give up); after ``timeout`` seconds TimeoutError is raised.
+    """
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    connected: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        while len(connected) < peers:
+            if monitor.poll(100):
+                event = recv_monitor_message(monitor)
+                connected.add(event["endpoint"].decode())
+                continue
+            on_idle()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"connected to {len(connected)} of {peers} replicas downstream "
+                                   f"after {timeout:.0f} s")
+    finally:
+        sock.disable_monitor()
+        monitor.close(0)

@@ -1,0 +1,106 @@
+"""A replica as an OS process: the entry point of `zpipe stage` and of `zpipe launch`'s children.
+
+This layer owns what only a process has: signals, the parent-death signal,
+the heartbeat thread and logging set-up. The replica itself is runtime.Replica.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from . import shapes
+from .config import Addresses, PipelineSpec, plan_addresses
+from .errors import ConfigError
+from .runtime import Heartbeat, Replica, Wiring
+
+ENV_RUNTIME_DIR = "ZPIPE_RUNTIME_DIR"
+ENV_CONTROL = "ZPIPE_CONTROL"
+ENV_PARENT_PID = "ZPIPE_PARENT_PID"
+ENV_SUPERVISOR_TIMEOUT = "ZPIPE_SUPERVISOR_TIMEOUT"
+DEFAULT_SUPERVISOR_TIMEOUT = 5.0
+EXIT_TERMINATED = 143
+PR_SET_PDEATHSIG = 1
+
+
+def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replica: int) -> Wiring:
+    """Where one replica of ``stage_name`` receives and sends."""
+    index = spec.index(stage_name)
+    stage = spec.stages[index]
+    downstream = spec.stages[index + 1] if index + 1 < len(spec.stages) else None
+    return Wiring(control=addresses.control,
+                  input=addresses.inputs[stage.name][replica] if index > 0 else None,
+                  input_hwm=stage.hwm,
+                  downstream=addresses.inputs[downstream.name] if downstream else (),
+                  downstream_hwm=downstream.hwm if downstream else 0,
+                  connect_timeout=spec.startup_timeout)
+
+
+def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
+    """Run one replica in this process until it ends; returns the exit status."""
+    stage = spec.stage(stage_name)
+    if not 0 <= replica < stage.replicas:
+        raise ConfigError(f"{spec.where}: stage {stage_name!r} has {stage.replicas} replica(s); "
+                          f"--replica must be 0 to {stage.replicas - 1} (got {replica})")
+    _guard_against_orphaning()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    signal.signal(signal.SIGTERM, _terminate)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    runtime_dir = os.environ.get(ENV_RUNTIME_DIR)
+    if runtime_dir is None and (spec.control is None or any(
+            s.address is None for s in spec.stages[1:])):
+        raise ConfigError(f"{spec.where}: stage {stage_name!r} uses ipc addresses; set "
+                          f"{ENV_RUNTIME_DIR} to the launcher's runtime folder, or give every "
+                          f"stage a tcp address and [pipeline] control")
+    addresses = plan_addresses(spec, Path(runtime_dir or "."))
+    control = os.environ.get(ENV_CONTROL) or addresses.control
+    addresses = Addresses(control=control, inputs=addresses.inputs)
+    index = spec.index(stage_name)
+    callee = shapes.resolve(stage.name, stage.run, stage.params, first=index == 0,
+                            stream=stage.stream, replicas=stage.replicas,
+                            base_dir=spec.base_dir, where=spec.where)
+    wiring = wiring_for(spec, addresses, stage_name, replica)
+    worker = Replica(callee, replica, stage.replicas, wiring)
+    timeout = float(os.environ.get(ENV_SUPERVISOR_TIMEOUT, DEFAULT_SUPERVISOR_TIMEOUT))
+    heartbeat = Heartbeat(worker.ctx, control, worker.name, worker.counts, timeout,
+                          on_lost=lambda: _supervisor_lost(worker.name, timeout))
+    heartbeat.start()
+    try:
+        return worker.run()
+    finally:
+        heartbeat.stop()
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SystemExit, not an Exception: user code's `except Exception` must not
+    # swallow it, and finally blocks (teardown) still run.
+    raise SystemExit(EXIT_TERMINATED)
+
+
+def _supervisor_lost(name: str, timeout: float) -> None:
+    print(f"zpipe: replica {name}: no word from the supervisor for {timeout:.0f} s; exiting",
+          file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+    # If the main thread is stuck where a signal cannot reach it, go anyway.
+    threading.Timer(timeout, lambda: os._exit(EXIT_TERMINATED)).start()
+
+
+def _guard_against_orphaning() -> None:
+    """When started by `zpipe launch`, die with the launcher even if it is SIGKILLed."""
+    parent = os.environ.get(ENV_PARENT_PID)
+    if not parent:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # not Linux: the heartbeat timeout still applies
+    if os.getppid() != int(parent):  # the launcher died before prctl took effect
+        os._exit(EXIT_TERMINATED)
