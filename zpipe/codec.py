@@ -40,19 +40,31 @@ def _numpy() -> Any:
 
 
 def _dtype_to_wire(dtype: Any) -> Any:
+    """A dtype as msgpack data: its string for plain ones, a description for structs."""
     if dtype.hasobject:
         raise TypeError("numpy arrays of dtype object")
-    return dtype.descr if dtype.fields is not None else dtype.str
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return {"base": _dtype_to_wire(base), "shape": list(shape)}
+    if dtype.fields is not None:
+        # names/formats/offsets/itemsize keep padding, alignment and field order exactly.
+        return {"names": list(dtype.names),
+                "formats": [_dtype_to_wire(dtype.fields[n][0]) for n in dtype.names],
+                "offsets": [dtype.fields[n][1] for n in dtype.names],
+                "itemsize": dtype.itemsize, "aligned": dtype.isalignedstruct}
+    return dtype.str
 
 
 def _dtype_from_wire(wire: Any) -> Any:
-    def tuples(value: Any) -> Any:
-        if isinstance(value, list) and value and isinstance(value[0], str):
-            return tuple(tuples(v) for v in value)
-        if isinstance(value, list):
-            return [tuples(v) for v in value]
-        return value
-    return _numpy().dtype(wire if isinstance(wire, str) else [tuples(f) for f in wire])
+    np = _numpy()
+    if isinstance(wire, str):
+        return np.dtype(wire)
+    if "base" in wire:
+        return np.dtype((_dtype_from_wire(wire["base"]), tuple(wire["shape"])))
+    return np.dtype({"names": wire["names"],
+                     "formats": [_dtype_from_wire(f) for f in wire["formats"]],
+                     "offsets": wire["offsets"], "itemsize": wire["itemsize"]},
+                    align=bool(wire.get("aligned")))
 
 
 def encode(items: Sequence[Any]) -> list[Any]:
@@ -74,6 +86,8 @@ def encode(items: Sequence[Any]) -> list[Any]:
             if isinstance(obj, np.generic):
                 return msgpack.ExtType(EXT_SCALAR, msgpack.packb(
                     [_dtype_to_wire(obj.dtype), obj.tobytes()], use_bin_type=True))
+        if isinstance(obj, int):
+            raise TypeError(f"the integer {obj}, outside the 64-bit range msgpack carries")
         raise TypeError(f"values of type {type(obj).__module__}.{type(obj).__qualname__}"
                         if module != "builtins" else f"values of type {type(obj).__qualname__}")
 
@@ -99,7 +113,10 @@ def decode(frames: Sequence[Any]) -> list[Any]:
                 raise DecodeError(f"array refers to frame {index} of {len(frames)}")
             frame = frames[index]
             buffer = frame.buffer if hasattr(frame, "buffer") else frame
-            return _numpy().frombuffer(buffer, dtype=_dtype_from_wire(dtype)).reshape(shape)
+            dtype = _dtype_from_wire(dtype)
+            if len(buffer) == 0:  # zero-size array, or a dtype of itemsize 0
+                return _numpy().zeros(shape, dtype=dtype)
+            return _numpy().frombuffer(buffer, dtype=dtype).reshape(shape)
         if code == EXT_SCALAR:
             dtype, raw = msgpack.unpackb(data, use_list=True)
             return _numpy().frombuffer(raw, dtype=_dtype_from_wire(dtype))[0]
@@ -108,7 +125,13 @@ def decode(frames: Sequence[Any]) -> list[Any]:
     head = frames[0]
     head = head.bytes if hasattr(head, "bytes") else head
     try:
-        message = msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        try:
+            message = msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        except TypeError:
+            # A tuple used as a dict key arrives as an unhashable list: decode
+            # again with tuples, then turn them into lists everywhere but keys.
+            message = _lists(msgpack.unpackb(head, ext_hook=ext_hook, raw=False,
+                                             strict_map_key=False, use_list=False))
     except DecodeError:
         raise
     except Exception as exc:
@@ -119,3 +142,11 @@ def decode(frames: Sequence[Any]) -> list[Any]:
         raise DecodeError(f"protocol version {message[0]!r} received, this zpipe speaks "
                           f"{PROTOCOL_VERSION}: run the same zpipe version in every stage")
     return message[1]
+
+
+def _lists(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _lists(v) for k, v in value.items()}
+    return value

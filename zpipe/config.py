@@ -18,9 +18,9 @@ DEFAULT_HWM = 100
 DEFAULT_GRACE = 5.0
 DEFAULT_STARTUP_TIMEOUT = 60.0
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-RUN_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-TCP_RE = re.compile(r"^tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)$")
+NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+RUN_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
+TCP_RE = re.compile(r"tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)")
 
 PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout"}
 STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address"}
@@ -103,7 +103,7 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
         raise ConfigError(f"{where}: missing [pipeline] table (with at least name = \"...\")")
     _check_keys(pipeline, PIPELINE_KEYS, f"{where}: [pipeline]")
     name = pipeline.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: [pipeline] name is required and must use letters, digits, "
                           f"'-' and '_' (got {name!r})")
     hwm = _positive_int(pipeline, "hwm", DEFAULT_HWM, f"{where}: [pipeline]")
@@ -135,12 +135,12 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str) -> StageSpec:
         raise ConfigError(f"{where}: stage #{position} must be a table ([[stages]])")
     name = raw.get("name")
     label = f"stage #{position}" if not isinstance(name, str) else f"stage {name!r}"
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: {label}: field 'name' is required and must use letters, "
                           f"digits, '-' and '_' (got {name!r})")
     _check_keys(raw, STAGE_KEYS, f"{where}: {label}")
     run = raw.get("run")
-    if not isinstance(run, str) or not RUN_RE.match(run):
+    if not isinstance(run, str) or not RUN_RE.fullmatch(run):
         raise ConfigError(f"{where}: {label}: field 'run' must be \"module:attribute\", "
                           f"for example \"stages:square\" (got {run!r})")
     params = raw.get("params", {})
@@ -155,7 +155,7 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str) -> StageSpec:
                           f"(got {stream!r})")
     address = raw.get("address")
     if address is not None:
-        _check_tcp(address, f"{where}: {label}: field 'address'")
+        _check_tcp(address, f"{where}: {label}: field 'address'", replicas)
         if position == 1:
             raise ConfigError(f"{where}: {label}: field 'address' is the address a stage "
                               f"receives on; the first stage receives nothing")
@@ -185,10 +185,13 @@ def _positive_number(table: dict[str, Any], key: str, default: float, where: str
     return float(value)
 
 
-def _check_tcp(address: Any, where: str) -> None:
-    match = TCP_RE.match(address) if isinstance(address, str) else None
+def _check_tcp(address: Any, where: str, replicas: int = 1) -> None:
+    match = TCP_RE.fullmatch(address) if isinstance(address, str) else None
     if not match or not 0 < int(match["port"]) < 65536:
         raise ConfigError(f"{where} must be \"tcp://HOST:PORT\" (got {address!r})")
+    if int(match["port"]) + replicas - 1 > 65535:
+        raise ConfigError(f"{where}: replica i uses port PORT+i, and {replicas} replicas from "
+                          f"port {match['port']} go past 65535")
 
 
 def plan_addresses(spec: PipelineSpec, runtime_dir: str | Path) -> Addresses:
@@ -203,7 +206,7 @@ def plan_addresses(spec: PipelineSpec, runtime_dir: str | Path) -> Addresses:
         if position == 0:
             inputs[stage.name] = ()
         elif stage.address:
-            match = TCP_RE.match(stage.address)
+            match = TCP_RE.fullmatch(stage.address)
             assert match is not None
             port = int(match["port"])
             inputs[stage.name] = tuple(f"tcp://{match['host']}:{port + i}"

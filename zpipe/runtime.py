@@ -35,11 +35,13 @@ ERROR_ACK_TIMEOUT = 10.0
 EXIT_WAIT_TIMEOUT = None  # a finished replica waits for EXIT as long as the supervisor lives
 
 
-class Aborted(Exception):
+# Both are BaseExceptions, like GeneratorExit: they pass through user code
+# (a stream function iterating its inputs) even where it catches Exception.
+class Aborted(BaseException):
     """The supervisor said ABORT: stop at once, without handing anything on."""
 
 
-class SourceStopped(Exception):
+class SourceStopped(BaseException):
     """The supervisor said STOP to a source: end production after the item just sent."""
 
 
@@ -112,8 +114,9 @@ class Inbox(Inputs):
     replicas of this stage together have received every item upstream sent.
     """
 
-    def __init__(self, sock: zmq.Socket, control: Control, stage: str):
+    def __init__(self, sock: zmq.Socket, control: Control, stage: str, batch_limit: int):
         self.sock = sock
+        self.batch_limit = batch_limit
         self.control = control
         self.stage = stage
         self.buffer: collections.deque[Any] = collections.deque()
@@ -140,7 +143,7 @@ class Inbox(Inputs):
                 self._fill(block=True)
                 if not self.buffer:
                     return
-            while self._fill(block=False):
+            while len(self.buffer) < self.batch_limit and self._fill(block=False):
                 pass
             batch = list(self.buffer)
             self.buffer.clear()
@@ -265,15 +268,14 @@ class Replica:
     """Runs one replica to its end and returns its exit status (0 ok, 1 failed)."""
 
     def __init__(self, callee: Callee, replica: int, replicas: int, wiring: Wiring,
-                 ctx: zmq.Context | None = None):
+                 ctx: zmq.Context):
         self.callee = callee
         self.stage = callee.stage
         self.replica = replica
         self.name = f"{callee.stage}-{replica}"
         self.wiring = wiring
         self.body = Body(callee, replica, replicas)
-        self.own_ctx = ctx is None
-        self.ctx = ctx or zmq.Context()
+        self.ctx = ctx
         self.control: Control | None = None
         self.inbox: Inbox | None = None
         self.outbox: Outbox | None = None
@@ -296,7 +298,7 @@ class Replica:
             if self.wiring.input is not None:
                 pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm)
                 sockets.append(pull)
-                self.inbox = Inbox(pull, control, self.stage)
+                self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm)
             push = None
             if self.wiring.downstream:
                 push = transport.push(self.ctx, self.wiring.downstream, self.wiring.downstream_hwm)
@@ -313,9 +315,11 @@ class Replica:
                 self.phase = "run"
                 if not (self.inbox is None and control.stopped):
                     self._run_body()
-            finally:
-                self.phase = "teardown"
-                self.body.teardown()
+            except BaseException:
+                self._teardown_after_failure()
+                raise
+            self.phase = "teardown"
+            self.body.teardown()
             control.send(protocol.DONE, **self.counts())
             self.phase = "done"
             control.wait_for(lambda: control.exit, EXIT_WAIT_TIMEOUT)
@@ -327,9 +331,15 @@ class Replica:
         finally:
             for sock in sockets:
                 sock.close(0 if status == 0 else transport.LINGER_MS)
-            if self.own_ctx:
-                self.ctx.term()
         return status
+
+    def _teardown_after_failure(self) -> None:
+        # The first failure is the one to report; a teardown failing after it
+        # is only logged.
+        try:
+            self.body.teardown()
+        except Exception:  # noqa: BLE001
+            log.exception("stage %r replica %s: teardown failed too", self.stage, self.name)
 
     def _run_body(self) -> None:
         assert self.outbox is not None and self.control is not None

@@ -51,7 +51,9 @@ def import_target(run: str, base_dir: Path | None, where: str) -> Any:
     module_name, _, attr_path = run.partition(":")
     if base_dir is not None:
         base = str(base_dir)
-        if base not in sys.path:
+        if sys.path[:1] != [base]:
+            if base in sys.path:
+                sys.path.remove(base)
             sys.path.insert(0, base)
         top = module_name.split(".")[0]
         local = importlib.machinery.PathFinder.find_spec(top, [base])
@@ -176,7 +178,8 @@ def resolve_target(stage_name: str, target: Any, params: dict[str, Any], first: 
                    stream: bool | None, replicas: int, where: str) -> Callee:
     shape = classify(target, first, stream, where)
     extra = None
-    if shape is Shape.SOURCE and replicas > 1:
+    if shape in (Shape.SOURCE, Shape.SOURCE_CLASS) and (
+            replicas > 1 or source_accepts_sharding(target)):
         if not source_accepts_sharding(target):
             raise ConfigError(f"{where}: field 'replicas': a first stage with {replicas} "
                               f"replicas would produce every item {replicas} times; give the "
@@ -202,8 +205,16 @@ class Body:
 
     def setup(self) -> None:
         if self.callee.shape in (Shape.CLASS, Shape.SOURCE_CLASS):
-            self.instance = self.callee.target(**self.callee.params)
+            self.instance = self.callee.target(**self._params())
             self.instance.setup()
+
+    def _params(self) -> dict[str, Any]:
+        """The params, plus replica and replicas for a source that splits its work."""
+        params = self.callee.params
+        if self.callee.shape in (Shape.SOURCE, Shape.SOURCE_CLASS) and \
+                source_accepts_sharding(self.callee.target):
+            params = {**params, "replica": self.replica, "replicas": self.replicas}
+        return params
 
     def teardown(self) -> None:
         if self.instance is not None:
@@ -215,9 +226,7 @@ class Body:
         callee = self.callee
         target, params, shape = callee.target, callee.params, callee.shape
         if shape is Shape.SOURCE:
-            if self.replicas > 1 or source_accepts_sharding(target):
-                params = {**params, "replica": self.replica, "replicas": self.replicas}
-            _send_all(target(**params), send, callee)
+            _send_all(target(**self._params()), send, callee)
         elif shape is Shape.SOURCE_CLASS:
             _send_all(self.instance.generate(), send, callee)
         elif shape is Shape.STREAM:

@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+import zmq
+
 from . import shapes
 from .config import Addresses, PipelineSpec, plan_addresses
 from .errors import ConfigError
@@ -26,6 +28,7 @@ ENV_SUPERVISOR_TIMEOUT = "ZPIPE_SUPERVISOR_TIMEOUT"
 DEFAULT_SUPERVISOR_TIMEOUT = 5.0
 EXIT_TERMINATED = 143
 PR_SET_PDEATHSIG = 1
+HEARTBEAT_JOIN_TIMEOUT = 5.0
 
 
 def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replica: int) -> Wiring:
@@ -67,15 +70,18 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
                             stream=stage.stream, replicas=stage.replicas,
                             base_dir=spec.base_dir, where=spec.where)
     wiring = wiring_for(spec, addresses, stage_name, replica)
-    worker = Replica(callee, replica, stage.replicas, wiring)
+    ctx = zmq.Context()
+    worker = Replica(callee, replica, stage.replicas, wiring, ctx)
     timeout = float(os.environ.get(ENV_SUPERVISOR_TIMEOUT, DEFAULT_SUPERVISOR_TIMEOUT))
-    heartbeat = Heartbeat(worker.ctx, control, worker.name, worker.counts, timeout,
+    heartbeat = Heartbeat(ctx, control, worker.name, worker.counts, timeout,
                           on_lost=lambda: _supervisor_lost(worker.name, timeout))
     heartbeat.start()
     try:
         return worker.run()
     finally:
         heartbeat.stop()
+        heartbeat.join(HEARTBEAT_JOIN_TIMEOUT)
+        ctx.term()
 
 
 def _terminate(signum: int, frame: object) -> None:

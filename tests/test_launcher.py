@@ -1,0 +1,311 @@
+"""`zpipe launch` end to end: items, replicas, order, drain, shapes, addresses, output, memory."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import socket
+
+STAGES = """
+import json, os, time
+from typing import Iterable
+
+import numpy as np
+import zpipe
+
+
+def numbers(count, delay=0.0):
+    for i in range(count):
+        if delay:
+            time.sleep(delay)
+        yield i
+
+
+def square(x):
+    return {"value": x * x, "square_pid": os.getpid()}
+
+
+def relay(item):
+    return item
+
+
+def record(items: Iterable, path):
+    with open(path, "w") as out:
+        for item in items:
+            out.write(json.dumps(item) + "\\n")
+
+
+def odd_only(x):
+    return x if x % 2 else None
+
+
+def explode(x):
+    for k in range(3):
+        yield [x, k]
+
+
+def batches(items, size):
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class Scale(zpipe.Stage):
+    def __init__(self, factor, log):
+        self.factor = factor
+        self.log = log
+
+    def setup(self):
+        with open(self.log, "a") as f:
+            f.write(f"setup {os.getpid()}\\n")
+
+    def process(self, item):
+        return item * self.factor
+
+    def teardown(self):
+        with open(self.log, "a") as f:
+            f.write(f"teardown {os.getpid()}\\n")
+
+
+def frames(count):
+    for i in range(count):
+        yield {"i": i, "image": np.full((48, 64, 3), i % 256, dtype=np.uint8),
+               "meta": (i, "x"), "weights": np.arange(i % 5, dtype=np.float32)}
+
+
+def brighten(frame):
+    frame["image"] += 1  # received arrays are writable
+    frame["mean"] = float(frame["image"].mean())
+    return frame
+
+
+def check_frames(items: Iterable, path):
+    with open(path, "w") as out:
+        for f in items:
+            ok = (f["image"].shape == (48, 64, 3) and f["image"].dtype == np.uint8
+                  and f["mean"] == (f["i"] + 1) % 256 and f["meta"] == [f["i"], "x"]
+                  and f["weights"].dtype == np.float32 and len(f["weights"]) == f["i"] % 5)
+            out.write(json.dumps([f["i"], ok]) + "\\n")
+
+
+def chatty(x):
+    print(f"hello from {x}")
+    import logging
+    logging.getLogger("team").info("logged %s", x)
+    return x
+
+
+def head(items, n):
+    for i, item in enumerate(items):
+        if i == n:
+            return
+        yield item
+"""
+
+
+def toml(*stages: str, name: str = "t", extra: str = "") -> str:
+    head = f'[pipeline]\nname = "{name}"\n{extra}\n'
+    return head + "\n".join(f"[[stages]]\n{s.strip()}\n" for s in stages)
+
+
+def finished_lines(stderr: str) -> list[tuple[str, int, int]]:
+    return [(m[1], int(m[2]), int(m[3]))
+            for m in re.finditer(r"stage '([\w-]+)' finished: (\d+) in, (\d+) out", stderr)]
+
+
+def test_every_item_arrives_once_through_replicas(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 3000 }',
+        'name = "square"\nrun = "stages:square"\nreplicas = 3',
+        'name = "relay"\nrun = "stages:relay"\nreplicas = 2\nhwm = 20',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    items = [json.loads(line) for line in project.lines("out.jsonl")]
+    assert sorted(i["value"] for i in items) == [x * x for x in range(3000)]
+    # Spread fairly: each of the three replicas did a real share.
+    shares = collections.Counter(i["square_pid"] for i in items)
+    assert len(shares) == 3 and min(shares.values()) > 3000 / 6, shares
+    # Stages finish in flow order, each having received what the previous sent.
+    done = finished_lines(result.stderr)
+    assert [d[0] for d in done] == ["source", "square", "relay", "sink"]
+    assert [d[1] for d in done[1:]] == [d[2] for d in done[:-1]] == [3000, 3000, 3000]
+
+
+def test_order_is_kept_with_single_replicas(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 2000 }',
+        'name = "a"\nrun = "stages:relay"\nhwm = 5',
+        'name = "b"\nrun = "stages:relay"',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in project.lines("out.jsonl")] == list(range(2000))
+
+
+def test_filters_one_to_many_and_batching_stream_functions(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 1000 }',
+        'name = "odd"\nrun = "stages:odd_only"\nreplicas = 2',
+        'name = "explode"\nrun = "stages:explode"\nstream = false',
+        'name = "batch"\nrun = "stages:batches"\nparams = { size = 7 }\nreplicas = 2',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    batches = [json.loads(line) for line in project.lines("out.jsonl")]
+    flat = sorted(tuple(pair) for batch in batches for pair in batch)
+    assert flat == sorted((x, k) for x in range(1, 1000, 2) for k in range(3))
+    assert all(len(b) <= 7 for b in batches)
+    # Each batching replica flushes its partial batch at the end: at most two short ones.
+    assert sum(len(b) < 7 for b in batches) <= 2
+
+
+def test_class_stage_sets_up_and_tears_down_once_per_replica(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 500 }',
+        'name = "scale"\nrun = "stages:Scale"\nreplicas = 2\nparams = { factor = 3, log = "life.log" }',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(x) for x in project.lines("out.jsonl")) == [3 * x for x in range(500)]
+    events = [line.split() for line in project.lines("life.log")]
+    pids = {pid for _, pid in events}
+    assert len(pids) == 2
+    for pid in pids:
+        assert [e for e, p in events if p == pid] == ["setup", "teardown"]
+
+
+def test_numpy_arrays_anywhere_in_items(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:frames"\nparams = { count = 300 }',
+        'name = "brighten"\nrun = "stages:brighten"\nreplicas = 2',
+        'name = "sink"\nrun = "stages:check_frames"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    checks = sorted(json.loads(line) for line in project.lines("out.jsonl"))
+    assert checks == [[i, True] for i in range(300)]
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_tcp_addresses_from_the_file(project):
+    control, sink = free_ports(2)
+    relay = next(p for p in free_ports(20) if p + 1 not in (control, sink) and port_is_free(p + 1))
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 500 }',
+        f'name = "relay"\nrun = "stages:relay"\nreplicas = 2\naddress = "tcp://127.0.0.1:{relay}"',
+        f'name = "sink"\nrun = "stages:record"\nparams = {{ path = "out.jsonl" }}\n'
+        f'address = "tcp://127.0.0.1:{sink}"',
+        extra=f'control = "tcp://127.0.0.1:{control}"'), STAGES)
+    plan = project.run("validate", str(project.toml))
+    assert plan.returncode == 0, plan.stderr
+    assert f"tcp://127.0.0.1:{relay}, tcp://127.0.0.1:{relay + 1}" in plan.stdout
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(x) for x in project.lines("out.jsonl")) == list(range(500))
+
+
+def test_stage_output_reaches_the_terminal_prefixed(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 3 }',
+        'name = "talk"\nrun = "stages:chatty"',
+        'name = "sink"\nrun = "stages:relay"'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    for i in range(3):
+        assert re.search(rf"^talk-0 +\| hello from {i}$", result.stdout, re.M), result.stdout
+        assert re.search(rf"^talk-0 +\| INFO team: logged {i}$", result.stderr, re.M), result.stderr
+
+
+def test_empty_source_and_single_stage_pipelines(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 0 }',
+        'name = "relay"\nrun = "stages:relay"\nreplicas = 2',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert project.lines("out.jsonl") == []
+    project.pipeline(toml('name = "only"\nrun = "stages:numbers"\nparams = { count = 10 }'))
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert finished_lines(result.stderr) == [("only", 0, 10)]
+
+
+def test_stream_function_that_stops_early_is_reported_not_hung(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 100 }',
+        'name = "head"\nrun = "stages:head"\nparams = { n = 10 }',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(x) for x in project.lines("out.jsonl")] == list(range(10))
+    assert "89 later items were discarded" in result.stderr
+
+
+PROGRESS_STAGES = """
+import os, time
+from typing import Iterable
+
+def produce(count, progress, gap_file, size):
+    widest = 0
+    for i in range(count):
+        try:
+            done = int(open(progress).read() or 0)
+        except (FileNotFoundError, ValueError):
+            done = 0
+        widest = max(widest, i - done)
+        yield b"x" * size
+    with open(gap_file, "w") as f:
+        f.write(str(widest))
+
+def relay(item):
+    return item
+
+def slow_sink(items: Iterable, progress, delay):
+    for n, item in enumerate(items, 1):
+        time.sleep(delay)
+        tmp = progress + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(str(n))
+        os.replace(tmp, progress)
+"""
+
+
+def test_slow_sink_bounds_what_is_in_flight(project):
+    # A fast source and a slow sink: with HWM 5 per link, the source can only
+    # ever be a few dozen items ahead; without backpressure it would be ~400.
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:produce"\n'
+        'params = { count = 400, progress = "progress", gap_file = "gap", size = 100000 }',
+        'name = "relay"\nrun = "stages:relay"\nhwm = 5',
+        'name = "sink"\nrun = "stages:slow_sink"\nhwm = 5\n'
+        'params = { progress = "progress", delay = 0.005 }'), PROGRESS_STAGES)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert int(project.read("progress")) == 400
+    gap = int(project.read("gap"))
+    assert gap < 60, f"source ran {gap} items ahead of the sink"

@@ -1,0 +1,61 @@
+"""Unit tests of zpipe.protocol: control messages between supervisor and replicas."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from zpipe import protocol
+from zpipe.codec import PROTOCOL_VERSION
+
+KINDS = [protocol.HELLO, protocol.READY, protocol.RECEIVED, protocol.ERROR, protocol.DONE,
+         protocol.HEARTBEAT, protocol.START, protocol.DRAIN, protocol.STOP, protocol.EXIT,
+         protocol.ABORT, protocol.PING]
+
+
+def test_kinds_are_distinct_strings():
+    assert all(isinstance(kind, str) for kind in KINDS)
+    assert len(set(KINDS)) == len(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_roundtrip_without_fields(kind):
+    data = protocol.pack(kind)
+    assert isinstance(data, bytes)
+    assert protocol.unpack(data) == (kind, {})
+
+
+def test_roundtrip_with_fields():
+    fields = {"pid": 1234, "host": "node-1", "version": "0.1.0", "received": 2**40,
+              "sent": 0, "traceback": "Traceback (most recent call last):\n  ...\nValueError: ü",
+              "item_type": None, "phase": "run", "ok": True, "ratio": 0.5, "raw": b"\x00\xff",
+              "nested": {"a": [1, 2]}}
+    kind, got = protocol.unpack(protocol.pack(protocol.ERROR, **fields))
+    assert kind == protocol.ERROR
+    assert got == fields
+
+
+def test_wire_format_is_version_kind_fields():
+    data = protocol.pack(protocol.DONE, received=3, sent=2)
+    assert msgpack.unpackb(data) == [PROTOCOL_VERSION, "done", {"received": 3, "sent": 2}]
+
+
+@pytest.mark.parametrize("version", [0, PROTOCOL_VERSION + 1, "1", None])
+def test_version_mismatch(version):
+    data = msgpack.packb([version, protocol.READY, {}])
+    with pytest.raises(ValueError, match="version"):
+        protocol.unpack(data)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\xc1", b"garbage \xff\xfe", b"\x93\x01",
+    msgpack.packb(5), msgpack.packb("ready"), msgpack.packb([PROTOCOL_VERSION, "ready"]),
+    msgpack.packb([PROTOCOL_VERSION, "ready", {}, "extra"]),
+    msgpack.packb([PROTOCOL_VERSION, 3, {}]),
+    msgpack.packb([PROTOCOL_VERSION, "ready", [1, 2]]),
+    msgpack.packb({"version": PROTOCOL_VERSION}),
+    msgpack.packb([PROTOCOL_VERSION, "ready", {}]) + b"trailing",
+])
+def test_garbage_raises_value_error(data):
+    with pytest.raises(ValueError, match="control message"):
+        protocol.unpack(data)

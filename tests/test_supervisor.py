@@ -1,0 +1,259 @@
+"""Supervision end to end: error relay, silent deaths, Ctrl-C, SIGTERM, the launcher killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import processes_mentioning, wait_until
+from test_launcher import finished_lines, toml
+
+STAGES = """
+import ctypes, json, os, signal, time
+from typing import Iterable
+
+import zpipe
+
+
+def numbers(count, delay=0.0):
+    for i in range(count):
+        if delay:
+            time.sleep(delay)
+        yield i
+
+
+def forever(delay):
+    i = 0
+    while True:
+        time.sleep(delay)
+        yield i
+        i += 1
+
+
+def fail_on(x, bad):
+    if x == bad:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+def sigkill_on(x, bad):
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def segfault_on(x, bad):
+    if x == bad:
+        ctypes.string_at(0)
+    return x
+
+
+def stuck_on(x, bad):
+    if x == bad:
+        time.sleep(1000)
+    return x
+
+
+def record(items: Iterable, path):
+    with open(path, "w") as out:
+        for item in items:
+            out.write(json.dumps(item) + "\\n")
+            out.flush()
+
+
+def to_set(x):
+    return {"values": {x}}
+
+
+class Broken(zpipe.Stage):
+    def __init__(self, log):
+        self.log = log
+
+    def setup(self):
+        raise RuntimeError("model file missing")
+
+    def process(self, item):
+        return item
+
+    def teardown(self):
+        open(self.log, "a").write("teardown\\n")
+"""
+
+
+def three_stages(middle: str, count: int = 50, source_extra: str = "") -> str:
+    return toml(f'name = "source"\nrun = "stages:numbers"\nparams = {{ count = {count} {source_extra} }}',
+                middle,
+                'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }')
+
+
+def test_stage_error_is_relayed_with_traceback_and_everything_stops(project):
+    project.pipeline(three_stages('name = "check"\nrun = "stages:fail_on"\nreplicas = 2\n'
+                                  'params = { bad = 17 }'), STAGES)
+    result = project.launch(timeout=60)
+    assert result.returncode == 1
+    err = result.stderr
+    assert re.search(r"stage 'check' replica check-[01] failed while processing an item of "
+                     r"type int: ValueError: bad item 17", err), err
+    assert "Traceback (most recent call last)" in err
+    assert re.search(r'File ".*stages.py", line \d+, in fail_on', err), err
+    assert 'raise ValueError(f"bad item {x}")' in err
+    assert "zpipe/" not in err.split("Traceback", 1)[1].split("ValueError: bad item 17")[0]
+
+
+def test_error_in_setup_is_relayed_and_teardown_still_runs(project):
+    project.pipeline(three_stages('name = "model"\nrun = "stages:Broken"\n'
+                                  'params = { log = "teardown.log" }'), STAGES)
+    result = project.launch(timeout=60)
+    assert result.returncode == 1
+    assert "stage 'model' replica model-0 failed in setup: RuntimeError: model file missing" \
+        in result.stderr
+    assert project.lines("teardown.log") == ["teardown"]
+    assert not project.lines("out.jsonl")  # the source never started
+
+
+def test_unsendable_item_names_the_stage_and_the_type(project):
+    project.pipeline(three_stages('name = "sets"\nrun = "stages:to_set"'), STAGES)
+    result = project.launch(timeout=60)
+    assert result.returncode == 1
+    assert re.search(r"stage 'sets' replica sets-0 failed .*EncodeError: cannot send an item "
+                     r"of type dict: it holds values of type set", result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("stage, signal_name", [("sigkill_on", "SIGKILL"),
+                                                ("segfault_on", "SIGSEGV")])
+def test_replica_that_dies_without_a_word_is_detected(project, stage, signal_name):
+    project.pipeline(three_stages(f'name = "fragile"\nrun = "stages:{stage}"\nreplicas = 2\n'
+                                  f'params = {{ bad = 20 }}'), STAGES)
+    started = time.monotonic()
+    result = project.launch(timeout=60)
+    assert result.returncode == 1
+    assert re.search(rf"stage 'fragile' replica fragile-[01] \(pid \d+\) died without a word: "
+                     rf"killed by signal \d+ \({signal_name}\)", result.stderr), result.stderr
+    assert time.monotonic() - started < 20
+
+
+def test_replica_killed_from_outside_is_detected(project):
+    project.pipeline(toml('name = "source"\nrun = "stages:forever"\nparams = { delay = 0.01 }',
+                          'name = "relay"\nrun = "stages:fail_on"\nparams = { bad = -1 }',
+                          'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'),
+                     STAGES)
+    launcher = project.start()
+    try:
+        wait_until(lambda: len(project.lines("out.jsonl")) > 5, what="items at the sink")
+        relay = [p for p in project.processes()
+                 if b" relay " in open(f"/proc/{p}/cmdline", "rb").read().replace(b"\0", b" ")]
+        assert len(relay) == 1
+        os.kill(relay[0], signal.SIGKILL)
+    finally:
+        code, err = launcher.finish(20)
+    assert code == 1
+    assert re.search(r"stage 'relay' replica relay-0 \(pid \d+\) died without a word: killed by "
+                     r"signal 9 \(SIGKILL\)", err), err
+
+
+def endless(project) -> None:
+    project.pipeline(toml('name = "source"\nrun = "stages:forever"\nparams = { delay = 0.002 }',
+                          'name = "relay"\nrun = "stages:fail_on"\nreplicas = 2\n'
+                          'params = { bad = -1 }',
+                          'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'),
+                     STAGES)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupt_drains_what_is_in_flight(project, signum, code):
+    endless(project)
+    launcher = project.start()
+    try:
+        wait_until(lambda: len(project.lines("out.jsonl")) > 50, what="items at the sink")
+        launcher.send_signal(signum)
+    finally:
+        status, err = launcher.finish(30)
+    assert status == code, err
+    done = dict((name, (received, sent)) for name, received, sent in finished_lines(err))
+    sent = done["source"][1]
+    assert done["sink"][0] == sent, err
+    assert sorted(json.loads(x) for x in project.lines("out.jsonl")) == list(range(sent))
+
+
+def test_ctrl_c_at_the_terminal_reaches_only_the_launcher(project):
+    # A terminal sends SIGINT to the whole foreground process group; replicas
+    # must leave it to the launcher so that the drain still happens.
+    endless(project)
+    launcher = project.start()
+    try:
+        wait_until(lambda: len(project.lines("out.jsonl")) > 50, what="items at the sink")
+        os.killpg(launcher.pid, signal.SIGINT)
+    finally:
+        status, err = launcher.finish(30)
+    assert status == 130, err
+    done = dict((name, (received, sent)) for name, received, sent in finished_lines(err))
+    assert done["sink"][0] == done["source"][1], err
+
+
+def stuck(project, grace: float) -> None:
+    project.pipeline(toml('name = "source"\nrun = "stages:forever"\nparams = { delay = 0.01 }',
+                          'name = "stuck"\nrun = "stages:stuck_on"\nparams = { bad = 5 }',
+                          'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }',
+                          extra=f"grace = {grace}"), STAGES)
+
+
+def test_grace_period_bounds_the_drain(project):
+    stuck(project, grace=1)
+    launcher = project.start()
+    try:
+        wait_until(lambda: len(project.lines("out.jsonl")) >= 5, what="items before the stuck one")
+        started = time.monotonic()
+        launcher.send_signal(signal.SIGINT)
+    finally:
+        status, err = launcher.finish(30)
+    assert status == 130
+    assert "grace period of 1 s over" in err
+    assert time.monotonic() - started < 10
+
+
+def test_second_ctrl_c_kills_at_once(project):
+    stuck(project, grace=60)
+    launcher = project.start()
+    try:
+        wait_until(lambda: len(project.lines("out.jsonl")) >= 5, what="items before the stuck one")
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait_for_stderr("draining for up to 60 s")
+        started = time.monotonic()
+        launcher.send_signal(signal.SIGINT)
+    finally:
+        status, err = launcher.finish(10)
+    assert status == 130
+    assert "killing every stage now" in err
+    assert time.monotonic() - started < 5
+
+
+def test_launcher_killed_takes_its_stages_with_it(project):
+    endless(project)
+    launcher = project.start()
+    try:
+        wait_until(lambda: len(project.lines("out.jsonl")) > 10, what="items at the sink")
+        assert len(project.processes()) == 5  # the launcher and its four replicas
+        launcher.kill()
+        wait_until(lambda: not project.processes(), timeout=15, what="stages to exit")
+    finally:
+        launcher.kill()
+
+
+def test_stage_without_a_supervisor_gives_up(project, tmp_path):
+    endless(project)
+    env = {**os.environ, "ZPIPE_RUNTIME_DIR": str(tmp_path), "ZPIPE_SUPERVISOR_TIMEOUT": "1"}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "zpipe", "stage", str(project.toml), "relay",
+                             "--replica", "1"], env=env, capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 143
+    assert "no word from the supervisor" in result.stderr
+    assert time.monotonic() - started < 15
+    assert not processes_mentioning(str(project.toml))
