@@ -301,10 +301,9 @@ class Replica:
                 self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm)
             push = None
             if self.wiring.downstream:
-                push = transport.push(self.ctx, self.wiring.downstream, self.wiring.downstream_hwm)
+                push = transport.push(self.ctx, self.wiring.downstream, self.wiring.downstream_hwm,
+                                      control.handle, self.wiring.connect_timeout)
                 sockets.append(push)
-                transport.wait_connected(push, len(self.wiring.downstream), control.handle,
-                                         self.wiring.connect_timeout)
             self.outbox = Outbox(push, control, source=self.inbox is None)
             self.phase = "setup"
             try:

@@ -39,11 +39,40 @@ def pull(ctx: zmq.Context, address: str, hwm: int) -> zmq.Socket:
     return sock
 
 
-def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int) -> zmq.Socket:
-    """A stage replica's output, connected to every replica of the next stage."""
+def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
+         on_idle: Callable[[], None], timeout: float) -> zmq.Socket:
+    """A stage replica's output, connected to every replica of the next stage.
+
+    Returns only once a handshake with each of them has completed: this is what
+    avoids the slow-joiner burst (a source starts only once every replica
+    downstream is really connected). ``on_idle`` runs about every 100 ms and
+    may raise to give up; after ``timeout`` seconds TimeoutError is raised.
+    """
     sock = _socket(ctx, zmq.PUSH, hwm)
-    for address in addresses:
-        sock.connect(address)
+    # The monitor must watch before the first connect, or a fast handshake
+    # could complete unseen.
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    connected: set[str] = set()
+    deadline = time.monotonic() + timeout
+    try:
+        for address in addresses:
+            sock.connect(address)
+        while len(connected) < len(addresses):
+            if monitor.poll(100):
+                event = recv_monitor_message(monitor)
+                connected.add(event["endpoint"].decode())
+                continue
+            on_idle()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"connected to {len(connected)} of {len(addresses)} "
+                                   f"replicas downstream after {timeout:g} s")
+    except BaseException:
+        sock.disable_monitor()
+        monitor.close(0)
+        sock.close(0)
+        raise
+    sock.disable_monitor()
+    monitor.close(0)
     return sock
 
 
@@ -64,29 +93,3 @@ def router(ctx: zmq.Context, address: str) -> zmq.Socket:
         sock.close(0)
         raise OSError(f"cannot bind the supervisor's control socket {address}: {exc}") from None
     return sock
-
-
-def wait_connected(sock: zmq.Socket, peers: int, on_idle: Callable[[], None],
-                   timeout: float) -> None:
-    """Block until ``sock`` has completed a handshake with ``peers`` peers.
-
-    This is what avoids the slow-joiner burst: a source starts only once every
-    replica downstream is really connected. ``on_idle`` runs about every 100 ms
-    (it may raise to give up); after ``timeout`` seconds TimeoutError is raised.
-    """
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-    connected: set[str] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        while len(connected) < peers:
-            if monitor.poll(100):
-                event = recv_monitor_message(monitor)
-                connected.add(event["endpoint"].decode())
-                continue
-            on_idle()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"connected to {len(connected)} of {peers} replicas downstream "
-                                   f"after {timeout:.0f} s")
-    finally:
-        sock.disable_monitor()
-        monitor.close(0)
