@@ -82,7 +82,7 @@ def test_bytes_and_str_stay_distinct():
 
 
 def test_non_string_dict_keys():
-    item = {1: "one", -2: "minus two", 3.5: "f", None: "n", True: "t", b"k": "bytes"}
+    item = {1: "one", -2: "minus two", 3.5: "f", None: "n", b"k": "bytes"}
     out = roundtrip(item)
     assert out == item
     assert 1 in out and -2 in out and b"k" in out

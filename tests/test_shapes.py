@@ -20,6 +20,16 @@ from zpipe.shapes import Body, Callee, Inputs, Shape, classify
 WHERE = "pipeline.toml: stage 'st'"
 
 
+def resolve(stage, run, params, first, stream, replicas, base_dir, where):
+    """One stage resolved as a pipeline does it (a two-stage pipeline around it)."""
+    from zpipe.config import PipelineSpec, StageSpec
+    stages = [StageSpec(name=stage, run=run, params=params, replicas=replicas, stream=stream)]
+    if not first:
+        stages.insert(0, StageSpec(name="feed", run="builtins:iter", target=lambda: iter(())))
+    spec = PipelineSpec(name="p", stages=tuple(stages), base_dir=base_dir, path=Path(where))
+    return shapes.resolve_stage(spec, len(stages) - 1)
+
+
 # --- helpers -------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -308,7 +318,7 @@ def test_resolve_from_base_dir(module_dir):
             def inner(x):
                 return x
         """)
-    callee = shapes.resolve("double", "team_stages:double", {"factor": 3}, False, None, 1,
+    callee = resolve("double", "team_stages:double", {"factor": 3}, False, None, 1,
                             module_dir.folder, "pipeline.toml")
     assert isinstance(callee, Callee)
     assert callee.shape is Shape.PLAIN
@@ -351,7 +361,7 @@ def test_falls_back_to_sys_path(module_dir):
 
 def test_missing_module(module_dir):
     with pytest.raises(ConfigError) as info:
-        shapes.resolve("st", "no_such_module_xyz:f", {}, False, None, 1, module_dir.folder,
+        resolve("st", "no_such_module_xyz:f", {}, False, None, 1, module_dir.folder,
                        "pipeline.toml")
     message = str(info.value)
     assert "stage 'st'" in message and "field 'run'" in message
@@ -417,12 +427,12 @@ def test_local_module_imported_twice_is_fine(module_dir):
 def test_resolve_checks_params(module_dir):
     module_dir("p_mod", "def f(x, scale=1): return x * scale\n")
     with pytest.raises(ConfigError, match=r"stage 'st'.*field 'params'.*scal"):
-        shapes.resolve("st", "p_mod:f", {"scal": 2}, False, None, 1, module_dir.folder,
+        resolve("st", "p_mod:f", {"scal": 2}, False, None, 1, module_dir.folder,
                        "pipeline.toml")
 
 
 def test_resolve_without_base_dir(isolated_imports):
-    callee = shapes.resolve("st", "json:dumps", {}, False, None, 1, None, "p")
+    callee = resolve("st", "json:dumps", {}, False, None, 1, None, "p")
     assert callee.shape is Shape.PLAIN
 
 

@@ -72,6 +72,18 @@ def to_set(x):
     return {"values": {x}}
 
 
+class SlowSetup(zpipe.Stage):
+    def setup(self):
+        open("setting-up", "w").close()
+        time.sleep(1000)
+
+    def process(self, item):
+        return item
+
+    def teardown(self):
+        open("teardown.log", "a").write("teardown\\n")
+
+
 class Broken(zpipe.Stage):
     def __init__(self, log):
         self.log = log
@@ -257,3 +269,41 @@ def test_stage_without_a_supervisor_gives_up(project, tmp_path):
     assert "no word from the supervisor" in result.stderr
     assert time.monotonic() - started < 15
     assert not processes_mentioning(str(project.toml))
+
+
+def test_inactivity_timeout_from_the_file_stops_a_stall(project):
+    project.pipeline(toml('name = "source"\nrun = "stages:numbers"\nparams = { count = 50 }',
+                          'name = "stuck"\nrun = "stages:stuck_on"\nparams = { bad = 5 }',
+                          'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }',
+                          extra="inactivity_timeout = 1.5"), STAGES)
+    result = project.launch(timeout=60)
+    assert result.returncode == 1
+    assert "no item moved for 1.5 s (inactivity_timeout); stages not finished: stuck, sink" \
+        in result.stderr
+
+
+def test_ctrl_c_during_set_up_stops_at_once(project):
+    project.pipeline(toml('name = "source"\nrun = "stages:numbers"\nparams = { count = 5 }',
+                          'name = "model"\nrun = "stages:SlowSetup"',
+                          'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'),
+                     STAGES)
+    launcher = project.start()
+    try:
+        wait_until(lambda: (project.root / "setting-up").exists(), what="set-up to begin")
+        started = time.monotonic()
+        launcher.send_signal(signal.SIGINT)
+    finally:
+        status, err = launcher.finish(30)
+    assert status == 130, err
+    assert time.monotonic() - started < 15
+    assert project.lines("teardown.log") == ["teardown"]
+
+
+def test_startup_timeout_names_the_replicas_not_ready(project):
+    project.pipeline(toml('name = "source"\nrun = "stages:numbers"\nparams = { count = 5 }',
+                          'name = "model"\nrun = "stages:SlowSetup"',
+                          'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }',
+                          extra="startup_timeout = 1"), STAGES)
+    result = project.launch(timeout=60)
+    assert result.returncode == 1
+    assert "replicas not ready after 1 s: model-0 (in set-up or connecting)" in result.stderr

@@ -3,6 +3,8 @@
 A data message is a ZeroMQ multipart message::
 
     frame 0   msgpack [PROTOCOL_VERSION, [item, item, ...]]
+              or      [PROTOCOL_VERSION, [item, ...], [tag, ...]] on links into and
+                      out of an ``ordered`` stage, one tag ``[seq, flags]`` per item
     frame 1.. the bytes of each numpy array, in the order the header refers to them
 
 Inside the header an array is msgpack extension type 1 holding
@@ -23,6 +25,8 @@ from .errors import EncodeError
 PROTOCOL_VERSION = 1
 EXT_ARRAY = 1
 EXT_SCALAR = 2
+TAG_LAST = 1    # the last output for this input sequence number
+TAG_MARKER = 2  # no item: the input produced no output (keeps the sequence whole)
 
 SUPPORTED = ("None, bool, int, float, str, bytes, list, tuple, dict and numpy arrays "
              "(any dtype but object)")
@@ -67,7 +71,7 @@ def _dtype_from_wire(wire: Any) -> Any:
                     align=bool(wire.get("aligned")))
 
 
-def encode(items: Sequence[Any]) -> list[Any]:
+def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]:
     """Frames of one data message carrying ``items``; raises EncodeError naming the type."""
     frames: list[Any] = [b""]
 
@@ -92,8 +96,9 @@ def encode(items: Sequence[Any]) -> list[Any]:
                         if module != "builtins" else f"values of type {type(obj).__qualname__}")
 
     try:
-        frames[0] = msgpack.packb([PROTOCOL_VERSION, list(items)], default=default,
-                                  use_bin_type=True)
+        header = [PROTOCOL_VERSION, list(items)] if tags is None else \
+            [PROTOCOL_VERSION, list(items), list(tags)]
+        frames[0] = msgpack.packb(header, default=default, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         kinds = ", ".join(sorted({type(i).__name__ for i in items}))
         raise EncodeError(f"cannot send an item of type {kinds}: it holds {exc}; "
@@ -103,6 +108,11 @@ def encode(items: Sequence[Any]) -> list[Any]:
 
 def decode(frames: Sequence[Any]) -> list[Any]:
     """Items of one data message; frames may be bytes or zmq.Frame objects."""
+    return decode_tagged(frames)[0]
+
+
+def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
+    """Items of one data message and their tags (None on untagged links)."""
     if not frames:
         raise DecodeError("empty message")
 
@@ -141,7 +151,10 @@ def decode(frames: Sequence[Any]) -> list[Any]:
     if message[0] != PROTOCOL_VERSION:
         raise DecodeError(f"protocol version {message[0]!r} received, this zpipe speaks "
                           f"{PROTOCOL_VERSION}: run the same zpipe version in every stage")
-    return message[1]
+    tags = message[2] if len(message) > 2 else None
+    if tags is not None and (not isinstance(tags, list) or len(tags) != len(message[1])):
+        raise DecodeError("not a zpipe data message: tags do not match items")
+    return message[1], tags
 
 
 def _lists(value: Any) -> Any:

@@ -22,8 +22,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 RUN_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 TCP_RE = re.compile(r"tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)")
 
-PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout"}
-STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address"}
+PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout"}
+STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,10 @@ class StageSpec:
     hwm: int = DEFAULT_HWM
     stream: bool | None = None
     address: str | None = None
+    ordered: bool = False
+    # The callable itself, for pipelines declared in Python (zpipe.Task);
+    # ``run`` is then only a label.
+    target: Any = field(default=None, compare=False, repr=False)
 
     def replica_name(self, replica: int) -> str:
         return f"{self.name}-{replica}"
@@ -52,6 +56,7 @@ class PipelineSpec:
     grace: float = DEFAULT_GRACE
     control: str | None = None
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
+    inactivity_timeout: float | None = None
     base_dir: Path | None = None
     path: Path | None = None
 
@@ -95,8 +100,12 @@ def load(path: str | Path) -> PipelineSpec:
 
 
 def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | None = None,
-              path: Path | None = None) -> PipelineSpec:
-    """Validate an already parsed pipeline description."""
+              path: Path | None = None, targets: list[Any] | None = None) -> PipelineSpec:
+    """Validate an already parsed pipeline description.
+
+    ``targets``, one per stage, are the callables themselves for a pipeline
+    declared in Python; each stage's ``run`` is then only a label.
+    """
     _check_keys(data, {"pipeline", "stages"}, where)
     pipeline = data.get("pipeline")
     if not isinstance(pipeline, dict):
@@ -110,6 +119,9 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
     grace = _positive_number(pipeline, "grace", DEFAULT_GRACE, f"{where}: [pipeline]")
     startup = _positive_number(pipeline, "startup_timeout", DEFAULT_STARTUP_TIMEOUT,
                                f"{where}: [pipeline]")
+    inactivity = pipeline.get("inactivity_timeout")
+    if inactivity is not None:
+        inactivity = _positive_number(pipeline, "inactivity_timeout", 0, f"{where}: [pipeline]")
     control = pipeline.get("control")
     if control is not None:
         _check_tcp(control, f"{where}: [pipeline] control")
@@ -120,17 +132,40 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
     stages = []
     seen: set[str] = set()
     for position, raw in enumerate(raw_stages, start=1):
-        stage = _stage(raw, position, hwm, where)
+        target = targets[position - 1] if targets else None
+        stage = _stage(raw, position, hwm, where, target)
         if stage.name in seen:
             raise ConfigError(f"{where}: stage {stage.name!r}: duplicate name "
                               f"(stage #{position} reuses it)")
         seen.add(stage.name)
         stages.append(stage)
+    check_order(stages, where)
     return PipelineSpec(name=name, stages=tuple(stages), hwm=hwm, grace=grace, control=control,
-                        startup_timeout=startup, base_dir=base_dir, path=path)
+                        startup_timeout=startup, inactivity_timeout=inactivity,
+                        base_dir=base_dir, path=path)
 
 
-def _stage(raw: Any, position: int, default_hwm: int, where: str) -> StageSpec:
+def check_order(stages: list[StageSpec], where: str) -> None:
+    """``ordered`` restores input order after a replicated stage; say where it cannot."""
+    for index, stage in enumerate(stages):
+        if not stage.ordered:
+            continue
+        label = f"{where}: stage {stage.name!r}: field 'ordered'"
+        if index == 0:
+            raise ConfigError(f"{label}: the first stage has no input order to keep")
+        if index == len(stages) - 1:
+            raise ConfigError(f"{label}: the last stage sends nothing on, so there is no "
+                              f"output order to keep")
+        if stages[index - 1].replicas > 1:
+            raise ConfigError(f"{label}: input order is defined only when the stage before "
+                              f"({stages[index - 1].name!r}) has one replica")
+        if stages[index + 1].replicas > 1:
+            raise ConfigError(f"{label}: the next stage ({stages[index + 1].name!r}) has "
+                              f"{stages[index + 1].replicas} replicas, which would mix the "
+                              f"order again; give it one replica")
+
+
+def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any) -> StageSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: stage #{position} must be a table ([[stages]])")
     name = raw.get("name")
@@ -140,7 +175,7 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str) -> StageSpec:
                           f"digits, '-' and '_' (got {name!r})")
     _check_keys(raw, STAGE_KEYS, f"{where}: {label}")
     run = raw.get("run")
-    if not isinstance(run, str) or not RUN_RE.fullmatch(run):
+    if target is None and (not isinstance(run, str) or not RUN_RE.fullmatch(run)):
         raise ConfigError(f"{where}: {label}: field 'run' must be \"module:attribute\", "
                           f"for example \"stages:square\" (got {run!r})")
     params = raw.get("params", {})
@@ -153,6 +188,10 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str) -> StageSpec:
     if stream is not None and not isinstance(stream, bool):
         raise ConfigError(f"{where}: {label}: field 'stream' must be true or false "
                           f"(got {stream!r})")
+    ordered = raw.get("ordered", False)
+    if not isinstance(ordered, bool):
+        raise ConfigError(f"{where}: {label}: field 'ordered' must be true or false "
+                          f"(got {ordered!r})")
     address = raw.get("address")
     if address is not None:
         _check_tcp(address, f"{where}: {label}: field 'address'", replicas)
@@ -160,7 +199,7 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str) -> StageSpec:
             raise ConfigError(f"{where}: {label}: field 'address' is the address a stage "
                               f"receives on; the first stage receives nothing")
     return StageSpec(name=name, run=run, params=params, replicas=replicas, hwm=hwm,
-                     stream=stream, address=address)
+                     stream=stream, address=address, ordered=ordered, target=target)
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:

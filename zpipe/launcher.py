@@ -21,21 +21,16 @@ from typing import IO, Callable
 
 from . import shapes
 from .config import PipelineSpec, load, plan_addresses
+from .processes import Processes
 from .shapes import Callee
 from .supervisor import Outcome, Supervisor
 from .worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
 
-REAP_TIMEOUT = 5.0
 
 
 def check(spec: PipelineSpec) -> list[Callee]:
-    """Import every stage and check its shape and params; raises ConfigError."""
-    callees = []
-    for index, stage in enumerate(spec.stages):
-        callees.append(shapes.resolve(stage.name, stage.run, stage.params, first=index == 0,
-                                      stream=stage.stream, replicas=stage.replicas,
-                                      base_dir=spec.base_dir, where=spec.where))
-    return callees
+    """Import every stage and check its shape, params and types; raises ConfigError."""
+    return shapes.resolve_spec(spec)
 
 
 def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -> str:
@@ -53,52 +48,6 @@ def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -
         if stage.params:
             lines.append(f"     params: {stage.params}")
     return "\n".join(lines)
-
-
-class LocalProcesses:
-    """Replica processes on this host; implements supervisor.Workers."""
-
-    def __init__(self) -> None:
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.reported: set[str] = set()
-
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.procs[name] = proc
-        return proc
-
-    def exited(self) -> dict[str, int]:
-        ended = {}
-        for name, proc in self.procs.items():
-            if name not in self.reported and proc.poll() is not None:
-                self.reported.add(name)
-                ended[name] = proc.returncode
-        return ended
-
-    def _signal(self, names: list[str], signum: int) -> None:
-        for name in names:
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is None:
-                try:
-                    proc.send_signal(signum)
-                except ProcessLookupError:
-                    pass
-
-    def terminate(self, names: list[str]) -> None:
-        self._signal(names, signal.SIGTERM)
-
-    def kill(self, names: list[str]) -> None:
-        self._signal(names, signal.SIGKILL)
-
-    def reap(self) -> None:
-        """Make sure nothing is left: kill whatever still runs and wait for it."""
-        self.kill(list(self.procs))
-        for proc in self.procs.values():
-            try:
-                proc.wait(REAP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 class OutputPump(threading.Thread):
@@ -153,7 +102,7 @@ def launch(path: str | Path, grace: float | None = None,
     check(spec)
     report = report or (lambda text: print(f"zpipe: {text}", file=sys.stderr, flush=True))
     runtime_dir = tempfile.mkdtemp(prefix=f"zpipe-{spec.name}-")
-    workers = LocalProcesses()
+    workers = Processes()
     pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer)
     previous: dict[int, object] = {}
     try:
@@ -170,7 +119,7 @@ def launch(path: str | Path, grace: float | None = None,
                 name = stage.replica_name(replica)
                 argv = [sys.executable, "-m", "zpipe", "stage", str(path), stage.name,
                         "--replica", str(replica)]
-                pump.add(name, workers.start(name, argv, env))
+                pump.add(name, workers.popen(name, argv, env))
         pump.start()
         outcome = supervisor.run()
         report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")

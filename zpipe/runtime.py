@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import pickle
 import socket
 import threading
 import time
@@ -55,6 +56,9 @@ class Wiring:
     downstream: tuple[str, ...]    # () for a sink
     downstream_hwm: int
     connect_timeout: float = 60.0
+    number_outputs: bool = False   # the next stage is ordered: number what this one sends
+    ordered: bool = False          # this stage is ordered: tag outputs with their input's number
+    reorder: bool = False          # the previous stage is ordered: restore the order on arrival
 
 
 class Control:
@@ -124,24 +128,27 @@ class Inbox(Inputs):
         self.reported: int | None = None
         self.malformed = 0
         self.last_item: Any = None
+        self.seqs: collections.deque[int] = collections.deque()  # numbers of buffered items
+        self.seq = -1                   # number of the item last returned (numbered links)
+        self.reorder: Reorder | None = None
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(control.sock, zmq.POLLIN)
 
     def __next__(self) -> Any:
-        if not self.buffer:
-            self._fill(block=True)
-            if not self.buffer:
+        while not self.buffer:  # a message may add nothing yet (held back for reordering)
+            if not self._fill(block=True):
                 raise StopIteration
+        if self.seqs:
+            self.seq = self.seqs.popleft()
         item = self.last_item = self.buffer.popleft()
         return item
 
     def batches(self) -> Any:
         """Lists of every item waiting (at least one), for ``set_get_all()``."""
         while True:
-            if not self.buffer:
-                self._fill(block=True)
-                if not self.buffer:
+            while not self.buffer:
+                if not self._fill(block=True):
                     return
             while len(self.buffer) < self.batch_limit and self._fill(block=False):
                 pass
@@ -163,14 +170,20 @@ class Inbox(Inputs):
             if self.control.pending():
                 self.control.handle()
             try:
-                items = codec.decode(frames)
+                items, tags = codec.decode_tagged(frames)
             except codec.DecodeError as exc:
                 self.malformed += 1
                 log.warning("stage %r dropped a malformed message (%d so far): %s",
                             self.stage, self.malformed, exc)
                 continue
             self.received += len(items)
-            self.buffer.extend(items)
+            if tags is None:
+                self.buffer.extend(items)
+            elif self.reorder is not None:
+                self.buffer.extend(self.reorder.add(items, tags))
+            else:
+                self.buffer.extend(items)
+                self.seqs.extend(tag[0] for tag in tags)
             return True
 
     def _idle(self) -> None:
@@ -182,22 +195,81 @@ class Inbox(Inputs):
             self.control.handle()
 
 
+class Reorder:
+    """Puts the outputs of an ordered stage's replicas back into input order.
+
+    Each output carries its input's number and a LAST flag on the last output
+    for that input; an input without outputs sends a MARKER. Outputs wait here
+    until every earlier input is complete.
+    """
+
+    def __init__(self) -> None:
+        self.next = 0
+        self.waiting: dict[int, list[Any]] = {}
+        self.complete: set[int] = set()
+        self.markers = 0
+
+    def add(self, items: list[Any], tags: list[Any]) -> list[Any]:
+        for item, (seq, flags) in zip(items, tags):
+            bucket = self.waiting.setdefault(seq, [])
+            if flags & codec.TAG_MARKER:
+                self.markers += 1
+            else:
+                bucket.append(item)
+            if flags & codec.TAG_LAST:
+                self.complete.add(seq)
+        ready: list[Any] = []
+        while self.next in self.complete:
+            self.complete.remove(self.next)
+            ready.extend(self.waiting.pop(self.next))
+            self.next += 1
+        return ready
+
+
+_NOTHING = object()
+
+
 class Outbox:
     """Encodes and sends a replica's outputs, blocking (never dropping) when downstream is full."""
 
-    def __init__(self, sock: zmq.Socket | None, control: Control, source: bool):
+    def __init__(self, sock: zmq.Socket | None, control: Control, source: bool,
+                 number_outputs: bool = False, ordered_by: Inbox | None = None):
         self.sock = sock
         self.control = control
         self.source = source
         self.sent = 0
+        self.markers = 0
+        self.number_outputs = number_outputs
+        self.ordered_by = ordered_by     # an ordered stage's inbox: outputs take its numbers
+        self.pending: Any = _NOTHING     # an ordered stage's output, held until the next one
         if sock is not None:
             self.poller = zmq.Poller()
             self.poller.register(sock, zmq.POLLOUT)
             self.poller.register(control.sock, zmq.POLLIN)
 
     def send(self, item: Any) -> None:
+        if self.ordered_by is not None:
+            # Held back one output so that the last one of each input can carry LAST.
+            if self.pending is not _NOTHING:
+                self._emit(self.pending, [self.ordered_by.seq, 0])
+            self.pending = item
+            return
+        self._emit(item, [self.sent, codec.TAG_LAST] if self.number_outputs else None)
+
+    def end_input(self) -> None:
+        """An ordered stage has handled one input completely: close its outputs."""
+        assert self.ordered_by is not None
+        seq = self.ordered_by.seq
+        if self.pending is _NOTHING:
+            self.markers += 1
+            self._emit(None, [seq, codec.TAG_LAST | codec.TAG_MARKER])
+        else:
+            item, self.pending = self.pending, _NOTHING
+            self._emit(item, [seq, codec.TAG_LAST])
+
+    def _emit(self, item: Any, tag: Any) -> None:
         if self.sock is not None:
-            frames = codec.encode((item,))
+            frames = codec.encode((item,), None if tag is None else (tag,))
             try:
                 self.sock.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
@@ -282,8 +354,12 @@ class Replica:
         self.phase = "start"
 
     def counts(self) -> dict[str, int]:
-        return {"received": self.inbox.received if self.inbox else 0,
-                "sent": self.outbox.sent if self.outbox else 0}
+        """Entries received and sent on the links (order markers included, and counted)."""
+        inbox, outbox = self.inbox, self.outbox
+        return {"received": inbox.received if inbox else 0,
+                "sent": outbox.sent if outbox else 0,
+                "markers_received": inbox.reorder.markers if inbox and inbox.reorder else 0,
+                "markers_sent": outbox.markers if outbox else 0}
 
     def run(self) -> int:
         sockets: list[zmq.Socket] = []
@@ -299,12 +375,16 @@ class Replica:
                 pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm)
                 sockets.append(pull)
                 self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm)
+                if self.wiring.reorder:
+                    self.inbox.reorder = Reorder()
             push = None
             if self.wiring.downstream:
                 push = transport.push(self.ctx, self.wiring.downstream, self.wiring.downstream_hwm,
                                       control.handle, self.wiring.connect_timeout)
                 sockets.append(push)
-            self.outbox = Outbox(push, control, source=self.inbox is None)
+            self.outbox = Outbox(push, control, source=self.inbox is None,
+                                 number_outputs=self.wiring.number_outputs,
+                                 ordered_by=self.inbox if self.wiring.ordered else None)
             self.phase = "setup"
             try:
                 self.body.setup()
@@ -342,8 +422,9 @@ class Replica:
 
     def _run_body(self) -> None:
         assert self.outbox is not None and self.control is not None
+        end_input = self.outbox.end_input if self.outbox.ordered_by is not None else None
         try:
-            self.body.run(self.inbox, self.outbox.send)
+            self.body.run(self.inbox, self.outbox.send, end_input)
         except SourceStopped:
             return
         if self.inbox is not None and not self.control.stopped:
@@ -363,7 +444,7 @@ class Replica:
         try:
             self.control.send(protocol.ERROR, exc_type=_qualified(type(exc)), message=str(exc),
                               traceback=format_user_traceback(exc), phase=self.phase,
-                              item_type=item_type, **self.counts())
+                              item_type=item_type, exception=_pickled(exc), **self.counts())
             # Wait until the supervisor has it (it answers ABORT), so the report
             # can never be overtaken by the news of this process's exit.
             self.control.wait_for(lambda: False, ERROR_ACK_TIMEOUT)
@@ -371,6 +452,16 @@ class Replica:
             pass
         except zmq.ZMQError:
             pass
+
+
+def _pickled(exc: BaseException) -> bytes | None:
+    """The exception itself, for a caller in Python to re-raise (None if it will not pickle)."""
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        return data
+    except Exception:  # noqa: BLE001 - the formatted report is still sent
+        return None
 
 
 def _qualified(cls: type) -> str:

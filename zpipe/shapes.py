@@ -14,12 +14,16 @@ import importlib.machinery
 import inspect
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from .errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from .config import PipelineSpec
 from .stage import Stage
 
 
@@ -90,7 +94,9 @@ def classify(target: Any, first: bool, stream: bool | None, where: str) -> Shape
     if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
         raise ConfigError(f"{where}: async functions are not supported; write a plain "
                           f"function or a generator")
-    if inspect.isclass(target) and issubclass(target, Stage):
+    stage_class = target if inspect.isclass(target) else type(target)
+    if isinstance(target, Stage) or (inspect.isclass(target) and issubclass(target, Stage)):
+        target = stage_class
         if stream:
             raise ConfigError(f"{where}: field 'stream': a zpipe.Stage class takes items one "
                               f"by one (or as lists after set_get_all()); drop 'stream'")
@@ -149,6 +155,11 @@ def source_accepts_sharding(target: Any) -> bool:
 def check_params(target: Any, shape: Shape, params: dict[str, Any], where: str,
                  extra: dict[str, Any] | None = None) -> None:
     """Fail unless ``params`` fit the callable's signature for its shape."""
+    if isinstance(target, Stage):
+        if params:
+            raise ConfigError(f"{where}: field 'params': {type(target).__name__} is already an "
+                              f"instance; pass its arguments when you build it")
+        return
     try:
         signature = inspect.signature(target)
     except (TypeError, ValueError):
@@ -166,12 +177,25 @@ def check_params(target: Any, shape: Shape, params: dict[str, Any], where: str,
                           f"(params given: {given})") from None
 
 
-def resolve(stage_name: str, run: str, params: dict[str, Any], first: bool, stream: bool | None,
-            replicas: int, base_dir: Path | None, where: str) -> Callee:
-    """Import, classify and check one stage; everything a replica needs to call it."""
-    where = f"{where}: stage {stage_name!r}"
-    target = import_target(run, base_dir, where)
-    return resolve_target(stage_name, target, params, first, stream, replicas, where)
+def resolve_spec(spec: "PipelineSpec") -> list[Callee]:
+    """Import (or take), classify and check every stage of a pipeline; raises ConfigError."""
+    callees = [resolve_stage(spec, index) for index in range(len(spec.stages))]
+    check_types(spec, callees)
+    return callees
+
+
+def resolve_stage(spec: "PipelineSpec", index: int) -> Callee:
+    """Import (or take), classify and check one stage: what its replicas call."""
+    stage = spec.stages[index]
+    where = f"{spec.where}: stage {stage.name!r}"
+    target = stage.target if stage.target is not None else \
+        import_target(stage.run, spec.base_dir, where)
+    callee = resolve_target(stage.name, target, stage.params, index == 0, stage.stream,
+                            stage.replicas, where)
+    if stage.ordered and callee.shape is Shape.STREAM:
+        raise ConfigError(f"{where}: field 'ordered': a stream function's outputs cannot be "
+                          f"matched to its inputs; use a plain function or a zpipe.Stage")
+    return callee
 
 
 def resolve_target(stage_name: str, target: Any, params: dict[str, Any], first: bool,
@@ -205,7 +229,8 @@ class Body:
 
     def setup(self) -> None:
         if self.callee.shape in (Shape.CLASS, Shape.SOURCE_CLASS):
-            self.instance = self.callee.target(**self._params())
+            target = self.callee.target
+            self.instance = target if isinstance(target, Stage) else target(**self._params())
             self.instance.setup()
 
     def _params(self) -> dict[str, Any]:
@@ -221,8 +246,13 @@ class Body:
             instance, self.instance = self.instance, None
             instance.teardown()
 
-    def run(self, inputs: "Inputs | None", send: Callable[[Any], None]) -> None:
-        """Feed the body its inputs until they end; pass every output to ``send``."""
+    def run(self, inputs: "Inputs | None", send: Callable[[Any], None],
+            end_input: Callable[[], None] | None = None) -> None:
+        """Feed the body its inputs until they end; pass every output to ``send``.
+
+        ``end_input``, if given, is called once each input item has been fully
+        handled (an ``ordered`` stage closes that item's outputs with it).
+        """
         callee = self.callee
         target, params, shape = callee.target, callee.params, callee.shape
         if shape is Shape.SOURCE:
@@ -249,6 +279,8 @@ class Body:
                     _send_all(out, send, callee)
                 elif out is not None:
                     send(out)
+                if end_input is not None:
+                    end_input()
 
 
 def _send_all(outputs: Any, send: Callable[[Any], None], callee: Callee) -> None:
@@ -269,3 +301,87 @@ class Inputs(Iterator[Any]):
 
     def batches(self) -> Iterator[list[Any]]:
         raise NotImplementedError
+
+
+# -- runtime type checks of adjacent stages (pipeline-lib's rule) ---------------
+
+
+def _annotation(target: Any, which: str) -> Any:
+    """A callable's first-parameter ("input") or return ("output") annotation, or None."""
+    function = target.process if inspect.isclass(target) and issubclass(target, Stage) else target
+    try:
+        hints = typing.get_type_hints(function)
+        parameters = list(inspect.signature(function).parameters)
+    except Exception:  # noqa: BLE001 - unresolvable annotations are simply not checked
+        return None
+    if inspect.isclass(target) and parameters[:1] == ["self"]:
+        parameters = parameters[1:]
+    if which == "output":
+        return hints.get("return")
+    return hints.get(parameters[0]) if parameters else None
+
+
+def _element(annotation: Any) -> Any:
+    """T of Iterable[T] / Iterator[T] / Generator[T, ...]; None if not such a type."""
+    origin = typing.get_origin(annotation)
+    if origin in (collections.abc.Iterable, collections.abc.Iterator, collections.abc.Generator):
+        args = typing.get_args(annotation)
+        return args[0] if args else typing.Any
+    return None
+
+
+def _item_types(callee: Callee) -> tuple[Any, Any]:
+    """(type of one input item, type of one output item); None where unknown."""
+    target = callee.target if not isinstance(callee.target, Stage) else type(callee.target)
+    accepts, returns = _annotation(target, "input"), _annotation(target, "output")
+    if callee.shape in (Shape.SOURCE, Shape.STREAM, Shape.FLATMAP):
+        returns = _element(returns) if returns is not None else None
+    if callee.shape is Shape.STREAM:
+        accepts = _element(accepts) if accepts is not None else None
+    if callee.shape in (Shape.SOURCE, Shape.SOURCE_CLASS):
+        accepts = None
+    return accepts, returns
+
+
+def compatible(produced: Any, accepted: Any) -> bool:
+    """Whether items annotated ``produced`` may be given where ``accepted`` is annotated."""
+    if produced is None or accepted is None or typing.Any in (produced, accepted) or \
+            accepted is object or produced == accepted or \
+            isinstance(produced, (typing.TypeVar, str)) or isinstance(accepted, (typing.TypeVar, str)):
+        return True
+    if typing.get_origin(accepted) in (typing.Union, types.UnionType):
+        return any(compatible(produced, a) for a in typing.get_args(accepted))
+    if typing.get_origin(produced) in (typing.Union, types.UnionType):
+        return all(compatible(p, accepted) for p in typing.get_args(produced))
+    p_origin = typing.get_origin(produced) or produced
+    a_origin = typing.get_origin(accepted) or accepted
+    # Tuples arrive as lists: a tuple producer feeds a list consumer.
+    if p_origin is tuple and a_origin is list:
+        return True
+    if not (inspect.isclass(p_origin) and inspect.isclass(a_origin)):
+        return True
+    if not issubclass(p_origin, a_origin):
+        return False
+    p_args, a_args = typing.get_args(produced), typing.get_args(accepted)
+    if p_args and a_args and len(p_args) == len(a_args) and Ellipsis not in p_args + a_args:
+        return all(compatible(p, a) for p, a in zip(p_args, a_args))
+    return True
+
+
+def check_types(spec: "PipelineSpec", callees: list[Callee]) -> None:
+    """Fail before starting when adjacent stages' annotations disagree; unannotated pass."""
+    for (left, right) in zip(callees, callees[1:]):
+        produced = _item_types(left)[1]
+        accepted = _item_types(right)[0]
+        if produced is None or accepted is None or produced is type(None):
+            continue
+        if not compatible(produced, accepted):
+            raise ConfigError(f"{spec.where}: stage {left.stage!r} produces items of type "
+                              f"{_type_name(produced)} but stage {right.stage!r} accepts "
+                              f"{_type_name(accepted)}")
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_args(annotation) or not hasattr(annotation, "__name__"):
+        return str(annotation).replace("typing.", "")
+    return annotation.__name__

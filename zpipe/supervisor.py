@@ -61,6 +61,9 @@ class ReplicaState:
     reported: int = 0
     received: int = 0
     sent: int = 0
+    markers_received: int = 0
+    markers_sent: int = 0
+    heartbeat: tuple[int, int] = (0, 0)  # (received, sent) from the last heartbeat
 
 
 @dataclass
@@ -78,6 +81,15 @@ class StageState:
     def sent(self) -> int:
         return sum(r.sent for r in self.replicas)
 
+    @property
+    def items_in(self) -> int:
+        """Items received, order markers left out."""
+        return self.received - sum(r.markers_received for r in self.replicas)
+
+    @property
+    def items_out(self) -> int:
+        return self.sent - sum(r.markers_sent for r in self.replicas)
+
 
 @dataclass
 class Failure:
@@ -89,6 +101,7 @@ class Failure:
     traceback: str | None = None
     item_type: str | None = None
     phase: str | None = None
+    exception: bytes | None = None  # the pickled exception, for callers in Python
 
     def describe(self) -> str:
         where = f"stage {self.stage!r} replica {self.replica}"
@@ -142,6 +155,8 @@ class Supervisor:
         self.terminated_since: float | None = None
         self.killed = False
         self.grace_deadline: float | None = None
+        self.last_progress = time.monotonic()
+        self.killed_since: float | None = None
 
     # -- public ------------------------------------------------------------
 
@@ -159,7 +174,7 @@ class Supervisor:
             status = "interrupted"
         else:
             status = "failed" if self.failures else "ok"
-        counts = {st.name: {"received": st.received, "sent": st.sent} for st in self.stages}
+        counts = {st.name: {"received": st.items_in, "sent": st.items_out} for st in self.stages}
         return Outcome(status, self.failures, counts, self.interrupted,
                        time.monotonic() - self.started_at)
 
@@ -193,6 +208,12 @@ class Supervisor:
             return
         if identity.endswith("/hb"):
             self.router.send_multipart([identity.encode(), protocol.pack(protocol.PING)])
+            beating = self.replicas.get(identity[:-3])
+            if beating is not None and kind == protocol.HEARTBEAT:
+                counts = (int(fields.get("received", 0)), int(fields.get("sent", 0)))
+                if counts != beating.heartbeat:
+                    beating.heartbeat = counts
+                    self.last_progress = time.monotonic()
             return
         replica = self.replicas.get(identity)
         if replica is None:
@@ -216,6 +237,7 @@ class Supervisor:
         if self.aborting_since is None and not self.running and all(
                 r.ready for r in self.replicas.values()):
             self.running = True
+            self.last_progress = time.monotonic()
             elapsed = time.monotonic() - self.started_at
             self.report(f"{self.spec.name}: {len(self.replicas)} replicas ready in "
                         f"{elapsed:.2f} s; starting")
@@ -224,13 +246,19 @@ class Supervisor:
 
     def _on_received(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         replica.reported = int(fields.get("received", 0))
+        self.last_progress = time.monotonic()
         self._check_drained(self._stage_of(replica))
 
     def _on_done(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         replica.done = True
-        replica.received = int(fields.get("received", 0))
-        replica.sent = int(fields.get("sent", 0))
+        self.last_progress = time.monotonic()
+        self._take_counts(replica, fields)
         stage = self._stage_of(replica)
+        if stage is not self.stages[0] and stage.status != "stopping":
+            # Its input cannot have ended before STOP: items would be lost.
+            self._fail(Failure(stage.name, replica.name, "error", exc_type="zpipe.ProtocolError",
+                               message="finished before its input ended"))
+            return
         if not all(r.done for r in stage.replicas) or stage.status == "done":
             return
         index = self.stages.index(stage)
@@ -240,7 +268,7 @@ class Supervisor:
                                        f"{stage.expected}"))
             return
         stage.status = "done"
-        self.report(f"stage {stage.name!r} finished: {stage.received} in, {stage.sent} out")
+        self.report(f"stage {stage.name!r} finished: {stage.items_in} in, {stage.items_out} out")
         if index + 1 < len(self.stages):
             following = self.stages[index + 1]
             following.status, following.expected = "draining", stage.sent
@@ -252,16 +280,18 @@ class Supervisor:
 
     def _on_error(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         replica.failed = True
-        replica.received = int(fields.get("received", replica.received))
-        replica.sent = int(fields.get("sent", replica.sent))
+        self._take_counts(replica, fields)
         self._fail(Failure(replica.stage, replica.name, "error",
                            message=str(fields.get("message", "")),
                            exc_type=fields.get("exc_type"), traceback=fields.get("traceback"),
-                           item_type=fields.get("item_type"), phase=fields.get("phase")))
+                           item_type=fields.get("item_type"), phase=fields.get("phase"),
+                           exception=fields.get("exception")))
         self._send(replica, protocol.ABORT, reason="failed")
 
-    def _on_heartbeat(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
-        pass  # heartbeats arrive on the "/hb" identity; see _on_message
+    @staticmethod
+    def _take_counts(replica: ReplicaState, fields: dict[str, Any]) -> None:
+        for name in ("received", "sent", "markers_received", "markers_sent"):
+            setattr(replica, name, int(fields.get(name, getattr(replica, name))))
 
     # -- drain -------------------------------------------------------------
 
@@ -322,8 +352,7 @@ class Supervisor:
                 self._send(r, protocol.STOP)
         else:
             self.report(f"{self.spec.name}: killing every stage now")
-            self.killed = True
-            self.workers.kill(self._alive())
+            self._kill()
 
     def _alive(self) -> list[str]:
         return [r.name for r in self.replicas.values() if not r.exited]
@@ -340,13 +369,29 @@ class Supervisor:
         if self.grace_deadline is not None and now > self.grace_deadline and \
                 self.aborting_since is None:
             self._abort(f"grace period of {self.grace:g} s over")
+        timeout = self.spec.inactivity_timeout
+        if timeout and self.running and self.aborting_since is None and \
+                now - self.last_progress > timeout:
+            busy = [st.name for st in self.stages if st.status != "done"]
+            self._fail(Failure(self.spec.name, "-", "timeout",
+                               message=f"no item moved for {timeout:g} s (inactivity_timeout); "
+                                       f"stages not finished: {', '.join(busy)}"))
         if self.aborting_since is not None and not self.killed:
             if self.terminated_since is None and now - self.aborting_since > ABORT_WAIT:
                 self.terminated_since = now
                 self.workers.terminate(self._alive())
             elif self.terminated_since is not None and now - self.terminated_since > TERMINATE_WAIT:
-                self.killed = True
-                self.workers.kill(self._alive())
+                self._kill()
+        if self.killed_since is not None and now - self.killed_since > TERMINATE_WAIT:
+            # Only threads outlive a kill: they cannot be forced. Leave them.
+            for name in self._alive():
+                self.report(f"replica {name} did not stop; left behind")
+                self.replicas[name].exited = True
+
+    def _kill(self) -> None:
+        self.killed = True
+        self.killed_since = time.monotonic()
+        self.workers.kill(self._alive())
 
 
 def describe_status(status: int) -> str:

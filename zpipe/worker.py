@@ -17,7 +17,7 @@ from pathlib import Path
 import zmq
 
 from . import shapes
-from .config import Addresses, PipelineSpec, plan_addresses
+from .config import Addresses, PipelineSpec, StageSpec, plan_addresses
 from .errors import ConfigError
 from .runtime import Heartbeat, Replica, Wiring
 
@@ -35,27 +35,31 @@ def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replic
     """Where one replica of ``stage_name`` receives and sends."""
     index = spec.index(stage_name)
     stage = spec.stages[index]
+    upstream = spec.stages[index - 1] if index > 0 else None
     downstream = spec.stages[index + 1] if index + 1 < len(spec.stages) else None
+
+    def reordering(s: StageSpec | None) -> bool:
+        # One replica keeps order by itself; only replicated ordered stages need numbers.
+        return s is not None and s.ordered and s.replicas > 1
+
     return Wiring(control=addresses.control,
-                  input=addresses.inputs[stage.name][replica] if index > 0 else None,
+                  input=addresses.inputs[stage.name][replica] if upstream else None,
                   input_hwm=stage.hwm,
                   downstream=addresses.inputs[downstream.name] if downstream else (),
                   downstream_hwm=downstream.hwm if downstream else 0,
-                  connect_timeout=spec.startup_timeout)
+                  connect_timeout=spec.startup_timeout,
+                  number_outputs=reordering(downstream), ordered=reordering(stage),
+                  reorder=reordering(upstream))
 
 
 def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
-    """Run one replica in this process until it ends; returns the exit status."""
+    """`zpipe stage`: run one replica in this process until it ends; returns the exit status."""
     stage = spec.stage(stage_name)
     if not 0 <= replica < stage.replicas:
         raise ConfigError(f"{spec.where}: stage {stage_name!r} has {stage.replicas} replica(s); "
                           f"--replica must be 0 to {stage.replicas - 1} (got {replica})")
-    _guard_against_orphaning()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
-    signal.signal(signal.SIGTERM, _terminate)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
+    parent = os.environ.get(ENV_PARENT_PID)
+    become_replica_process(int(parent) if parent else None)
     runtime_dir = os.environ.get(ENV_RUNTIME_DIR)
     if runtime_dir is None and (spec.control is None or any(
             s.address is None for s in spec.stages[1:])):
@@ -65,15 +69,36 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
     addresses = plan_addresses(spec, Path(runtime_dir or "."))
     control = os.environ.get(ENV_CONTROL) or addresses.control
     addresses = Addresses(control=control, inputs=addresses.inputs)
-    index = spec.index(stage_name)
-    callee = shapes.resolve(stage.name, stage.run, stage.params, first=index == 0,
-                            stream=stage.stream, replicas=stage.replicas,
-                            base_dir=spec.base_dir, where=spec.where)
-    wiring = wiring_for(spec, addresses, stage_name, replica)
-    ctx = zmq.Context()
-    worker = Replica(callee, replica, stage.replicas, wiring, ctx)
-    timeout = float(os.environ.get(ENV_SUPERVISOR_TIMEOUT, DEFAULT_SUPERVISOR_TIMEOUT))
-    heartbeat = Heartbeat(ctx, control, worker.name, worker.counts, timeout,
+    callee = shapes.resolve_stage(spec, spec.index(stage_name))
+    return serve(callee, replica, stage.replicas, wiring_for(spec, addresses, stage_name, replica))
+
+
+def become_replica_process(parent: int | None) -> None:
+    """What a process does first to serve as a replica: signals, parent death, logging."""
+    if parent is not None:
+        _guard_against_orphaning(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    signal.signal(signal.SIGTERM, _terminate)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
+          ctx: zmq.Context | None = None, supervisor_timeout: float | None = None) -> int:
+    """Run one replica, with a heartbeat, until it ends; its exit status.
+
+    A process gets its own context and gives up when the supervisor goes
+    silent for ``supervisor_timeout`` seconds (default from the environment);
+    a thread shares its caller's context and supervisor, and never gives up.
+    """
+    own = ctx is None
+    context = zmq.Context() if own else ctx
+    if supervisor_timeout is None:
+        supervisor_timeout = float(os.environ.get(ENV_SUPERVISOR_TIMEOUT,
+                                                  DEFAULT_SUPERVISOR_TIMEOUT))
+    worker = Replica(callee, replica, replicas, wiring, context)
+    timeout = supervisor_timeout
+    heartbeat = Heartbeat(context, wiring.control, worker.name, worker.counts, timeout,
                           on_lost=lambda: _supervisor_lost(worker.name, timeout))
     heartbeat.start()
     try:
@@ -81,7 +106,15 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
     finally:
         heartbeat.stop()
         heartbeat.join(HEARTBEAT_JOIN_TIMEOUT)
-        ctx.term()
+        if own:
+            context.term()
+
+
+def forked_main(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
+                parent: int) -> None:
+    """Entry point of a replica forked by zpipe.run (mode="process")."""
+    become_replica_process(parent)
+    sys.exit(serve(callee, replica, replicas, wiring))
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -98,15 +131,12 @@ def _supervisor_lost(name: str, timeout: float) -> None:
     threading.Timer(timeout, lambda: os._exit(EXIT_TERMINATED)).start()
 
 
-def _guard_against_orphaning() -> None:
-    """When started by `zpipe launch`, die with the launcher even if it is SIGKILLed."""
-    parent = os.environ.get(ENV_PARENT_PID)
-    if not parent:
-        return
+def _guard_against_orphaning(parent: int) -> None:
+    """Die with the launcher (or the Python caller) even if it is SIGKILLed."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass  # not Linux: the heartbeat timeout still applies
-    if os.getppid() != int(parent):  # the launcher died before prctl took effect
+    if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(EXIT_TERMINATED)

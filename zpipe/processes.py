@@ -1,0 +1,130 @@
+"""Where replicas run: OS processes (started or forked) and threads.
+
+Each class implements supervisor.Workers: report exits, terminate, kill, and
+finally make sure nothing is left.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import threading
+from typing import Any, Callable, Protocol
+
+REAP_TIMEOUT = 5.0
+
+
+class Handle(Protocol):
+    pid: int | None
+
+    def poll(self) -> int | None: ...
+
+
+class ForkedHandle:
+    """A multiprocessing.Process seen through Popen's poll()."""
+
+    def __init__(self, process: Any):
+        self.process = process
+        self.pid = process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float) -> None:
+        self.process.join(timeout)
+
+
+class Processes:
+    """Replica processes on this host, started by Popen or forked by multiprocessing."""
+
+    def __init__(self) -> None:
+        self.handles: dict[str, Any] = {}
+        self.reported: set[str] = set()
+
+    def add(self, name: str, handle: Any) -> None:
+        self.handles[name] = handle
+
+    def popen(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.add(name, proc)
+        return proc
+
+    def exited(self) -> dict[str, int]:
+        ended = {}
+        for name, handle in self.handles.items():
+            if name not in self.reported and handle.poll() is not None:
+                self.reported.add(name)
+                ended[name] = handle.poll()
+        return ended
+
+    def _signal(self, names: list[str], signum: int) -> None:
+        for name in names:
+            handle = self.handles.get(name)
+            if handle is not None and handle.pid and handle.poll() is None:
+                try:
+                    os.kill(handle.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def terminate(self, names: list[str]) -> None:
+        self._signal(names, signal.SIGTERM)
+
+    def kill(self, names: list[str]) -> None:
+        self._signal(names, signal.SIGKILL)
+
+    def reap(self) -> None:
+        """Make sure nothing is left: kill whatever still runs and wait for it."""
+        self.kill(list(self.handles))
+        for handle in self.handles.values():
+            try:
+                handle.wait(REAP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+class Threads:
+    """Replicas as threads of this process (mode="thread")."""
+
+    def __init__(self) -> None:
+        self.threads: dict[str, threading.Thread] = {}
+        self.status: dict[str, int] = {}
+        self.reported: set[str] = set()
+
+    def start(self, name: str, run: Callable[[], int]) -> None:
+        def target() -> None:
+            status = 1
+            try:
+                status = run()
+            except SystemExit as exc:  # a terminate() while the replica ran
+                status = exc.code if isinstance(exc.code, int) else 1
+            finally:
+                self.status[name] = status
+        thread = threading.Thread(target=target, name=f"zpipe-{name}", daemon=True)
+        self.threads[name] = thread
+        thread.start()
+
+    def exited(self) -> dict[str, int]:
+        ended = {}
+        for name, thread in self.threads.items():
+            if name not in self.reported and not thread.is_alive():
+                self.reported.add(name)
+                ended[name] = self.status.get(name, 1)
+        return ended
+
+    def terminate(self, names: list[str]) -> None:
+        # A thread cannot be killed; the closest is an exception raised in it
+        # at its next Python instruction (not inside a blocking C call).
+        for name in names:
+            thread = self.threads.get(name)
+            if thread is not None and thread.is_alive() and thread.ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
+                                                           ctypes.py_object(SystemExit))
+
+    kill = terminate
+
+    def reap(self) -> None:
+        for thread in self.threads.values():
+            thread.join(REAP_TIMEOUT)
