@@ -42,7 +42,7 @@ def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -
     for index, (stage, callee) in enumerate(zip(spec.stages, callees)):
         role = "source" if index == 0 else "sink" if index == len(spec.stages) - 1 else "stage"
         lines.append(f"  {index + 1}. {stage.name} ({role}): {stage.run} -> {callee.describe()}, "
-                     f"replicas {stage.replicas}")
+                     f"replicas {stage.replicas}" + (", ordered" if stage.ordered else ""))
         if index > 0:
             lines.append(f"     input hwm {stage.hwm}: {', '.join(addresses.inputs[stage.name])}")
         if stage.params:
