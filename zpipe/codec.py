@@ -71,11 +71,25 @@ def _dtype_from_wire(wire: Any) -> Any:
                     align=bool(wire.get("aligned")))
 
 
-def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]:
-    """Frames of one data message carrying ``items``; raises EncodeError naming the type."""
-    frames: list[Any] = [b""]
+class Batch:
+    """One data message under construction: items are packed one by one as they come.
 
-    def default(obj: Any) -> Any:
+    Packing each item when it is added makes an unsendable item fail in the
+    stage that produced it, at that item; the message is then assembled in
+    ``frames()`` with one join.
+    """
+
+    def __init__(self) -> None:
+        self.packer = msgpack.Packer(default=self._default, use_bin_type=True)
+        self.encoded: list[bytes] = []
+        self.tags: list[Any] | None = None
+        self.arrays: list[Any] = []   # frames 1.. of the message
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def _default(self, obj: Any) -> Any:
         module = type(obj).__module__
         if module == "numpy":
             np = _numpy()
@@ -84,9 +98,10 @@ def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]
                 # As flat bytes, so that every dtype (datetime, structured, ...)
                 # exposes a plain buffer; C order, copying only if not already.
                 raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8) if obj.size else b""
-                frames.append(raw)
+                self.arrays.append(raw)
+                self.nbytes += len(raw)
                 return msgpack.ExtType(EXT_ARRAY, msgpack.packb(
-                    [len(frames) - 1, dtype, list(obj.shape)], use_bin_type=True))
+                    [len(self.arrays), dtype, list(obj.shape)], use_bin_type=True))
             if isinstance(obj, np.generic):
                 return msgpack.ExtType(EXT_SCALAR, msgpack.packb(
                     [_dtype_to_wire(obj.dtype), obj.tobytes()], use_bin_type=True))
@@ -95,15 +110,45 @@ def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]
         raise TypeError(f"values of type {type(obj).__module__}.{type(obj).__qualname__}"
                         if module != "builtins" else f"values of type {type(obj).__qualname__}")
 
-    try:
-        header = [PROTOCOL_VERSION, list(items)] if tags is None else \
-            [PROTOCOL_VERSION, list(items), list(tags)]
-        frames[0] = msgpack.packb(header, default=default, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as exc:
-        kinds = ", ".join(sorted({type(i).__name__ for i in items}))
-        raise EncodeError(f"cannot send an item of type {kinds}: it holds {exc}; "
-                          f"zpipe sends {SUPPORTED}") from None
-    return frames
+    def add(self, item: Any, tag: Any = None) -> None:
+        """Pack one item (with its tag on numbered links); raises EncodeError naming the type."""
+        arrays, nbytes = len(self.arrays), self.nbytes
+        try:
+            data = self.packer.pack(item)
+        except (TypeError, ValueError, OverflowError) as exc:
+            del self.arrays[arrays:]
+            self.nbytes = nbytes
+            self.packer.reset()
+            raise EncodeError(f"cannot send an item of type {type(item).__name__}: it holds "
+                              f"{exc}; zpipe sends {SUPPORTED}") from None
+        self.encoded.append(data)
+        self.nbytes += len(data)
+        if tag is not None:
+            if self.tags is None:
+                self.tags = [None] * (len(self.encoded) - 1)
+            self.tags.append(tag)
+        elif self.tags is not None:
+            self.tags.append(None)
+
+    def frames(self) -> list[Any]:
+        """The message's frames; the batch is empty again afterwards."""
+        pack = self.packer.pack
+        parts = [self.packer.pack_array_header(2 if self.tags is None else 3),
+                 pack(PROTOCOL_VERSION), self.packer.pack_array_header(len(self.encoded)),
+                 *self.encoded]
+        if self.tags is not None:
+            parts.append(pack(self.tags))
+        frames = [b"".join(parts), *self.arrays]
+        self.encoded, self.tags, self.arrays, self.nbytes = [], None, [], 0
+        return frames
+
+
+def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]:
+    """Frames of one data message carrying ``items``; raises EncodeError naming the type."""
+    batch = Batch()
+    for index, item in enumerate(items):
+        batch.add(item, None if tags is None else tags[index])
+    return batch.frames()
 
 
 def decode(frames: Sequence[Any]) -> list[Any]:

@@ -31,6 +31,14 @@ from .shapes import Body, Callee, Inputs
 log = logging.getLogger("zpipe")
 
 IDLE_POLL_MS = 1000
+# Small items travel several to a message when a link is busy. An output that
+# follows the previous flush by more than IDLE_GAP leaves at once (no latency
+# on an idle link); otherwise it waits at most BATCH_WAIT for others to join it.
+BATCH_ITEMS = 1000
+BATCH_BYTES = 256 * 1024
+BATCH_WAIT = 0.001
+IDLE_GAP = 0.0002
+CONTROL_CHECK = 0.02  # while busy, look for commands (ABORT, STOP) this often
 HEARTBEAT_INTERVAL = 1.0
 ERROR_ACK_TIMEOUT = 10.0
 EXIT_WAIT_TIMEOUT = None  # a finished replica waits for EXIT as long as the supervisor lives
@@ -70,12 +78,20 @@ class Control:
         self.draining = False
         self.stopped = False
         self.exit = False
+        self.next_check = 0.0
 
     def send(self, kind: str, **fields: Any) -> None:
         self.sock.send(protocol.pack(kind, **fields))
 
     def pending(self) -> bool:
         return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def check(self, now: float) -> None:
+        """Handle waiting commands, at most every CONTROL_CHECK seconds (a busy replica's poll)."""
+        if now >= self.next_check:
+            self.next_check = now + CONTROL_CHECK
+            if self.pending():
+                self.handle()
 
     def handle(self) -> None:
         """Apply every waiting command; ABORT raises Aborted."""
@@ -131,6 +147,7 @@ class Inbox(Inputs):
         self.seqs: collections.deque[int] = collections.deque()  # numbers of buffered items
         self.seq = -1                   # number of the item last returned (numbered links)
         self.reorder: Reorder | None = None
+        self.before_idle: Callable[[], None] = lambda: None  # the outbox flushes its batch
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         self.poller.register(control.sock, zmq.POLLIN)
@@ -167,8 +184,7 @@ class Inbox(Inputs):
                     return False
                 self._idle()
                 continue
-            if self.control.pending():
-                self.control.handle()
+            self.control.check(time.monotonic())
             try:
                 items, tags = codec.decode_tagged(frames)
             except codec.DecodeError as exc:
@@ -187,6 +203,7 @@ class Inbox(Inputs):
             return True
 
     def _idle(self) -> None:
+        self.before_idle()  # never sit on outputs while waiting for input
         if self.control.draining and self.received != self.reported:
             self.control.send(protocol.RECEIVED, received=self.received)
             self.reported = self.received
@@ -230,7 +247,14 @@ _NOTHING = object()
 
 
 class Outbox:
-    """Encodes and sends a replica's outputs, blocking (never dropping) when downstream is full."""
+    """Encodes and sends a replica's outputs, blocking (never dropping) when downstream is full.
+
+    Outputs are packed into a batch as they come (see BATCH_*); the batch
+    leaves when it is full, when it holds an array or many bytes, when its
+    oldest output has waited BATCH_WAIT, or when the replica is about to wait
+    for input. A Flusher thread sends a batch whose time is up while the main
+    thread is busy in user code; a lock hands the socket between the two.
+    """
 
     def __init__(self, sock: zmq.Socket | None, control: Control, source: bool,
                  number_outputs: bool = False, ordered_by: Inbox | None = None):
@@ -240,12 +264,20 @@ class Outbox:
         self.sent = 0
         self.markers = 0
         self.number_outputs = number_outputs
+        self.numbered = 0
         self.ordered_by = ordered_by     # an ordered stage's inbox: outputs take its numbers
         self.pending: Any = _NOTHING     # an ordered stage's output, held until the next one
+        self.batch = codec.Batch()
+        self.lock = threading.Lock()
+        self.oldest = 0.0                # when the batch's first output was added
+        self.last_flush = 0.0
+        self.flusher: Flusher | None = None
         if sock is not None:
             self.poller = zmq.Poller()
             self.poller.register(sock, zmq.POLLOUT)
             self.poller.register(control.sock, zmq.POLLIN)
+            self.flusher = Flusher(self)
+            self.flusher.start()
 
     def send(self, item: Any) -> None:
         if self.ordered_by is not None:
@@ -254,7 +286,11 @@ class Outbox:
                 self._emit(self.pending, [self.ordered_by.seq, 0])
             self.pending = item
             return
-        self._emit(item, [self.sent, codec.TAG_LAST] if self.number_outputs else None)
+        if self.number_outputs:
+            tag, self.numbered = [self.numbered, codec.TAG_LAST], self.numbered + 1
+            self._emit(item, tag)
+        else:
+            self._emit(item, None)
 
     def end_input(self) -> None:
         """An ordered stage has handled one input completely: close its outputs."""
@@ -268,17 +304,72 @@ class Outbox:
             self._emit(item, [seq, codec.TAG_LAST])
 
     def _emit(self, item: Any, tag: Any) -> None:
-        if self.sock is not None:
-            frames = codec.encode((item,), None if tag is None else (tag,))
-            try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                self._send_blocking(frames)
-        self.sent += 1
-        if self.control.pending():
-            self.control.handle()
+        now = time.monotonic()
+        if self.sock is None:
+            self.sent += 1
+        else:
+            with self.lock:
+                empty = not self.batch
+                self.batch.add(item, tag)
+                if empty:
+                    self.oldest = now
+                batch = self.batch
+                if (empty and now - self.last_flush > IDLE_GAP) or batch.arrays or \
+                        len(batch) >= BATCH_ITEMS or batch.nbytes >= BATCH_BYTES or \
+                        now - self.oldest >= BATCH_WAIT:
+                    self._flush_locked(now)
+                elif empty:
+                    assert self.flusher is not None
+                    self.flusher.arm(now + BATCH_WAIT)
+        self.control.check(now)
         if self.source and self.control.stopped:
             raise SourceStopped()
+
+    def flush(self) -> None:
+        """Send what waits in the batch (main thread; blocks while downstream is full)."""
+        if self.sock is not None and self.batch:
+            with self.lock:
+                if self.batch:
+                    self._flush_locked(time.monotonic())
+
+    def _flush_locked(self, now: float) -> None:
+        count = len(self.batch)
+        frames = self.batch.frames()
+        assert self.sock is not None
+        try:
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._send_blocking(frames)
+        self.sent += count
+        self.last_flush = now
+
+    def flush_if_due(self) -> float | None:
+        """From the Flusher: send a batch whose time is up, if the socket takes it now.
+
+        Returns when to look again (a newer batch), or None.
+        """
+        if not self.lock.acquire(blocking=False):
+            return time.monotonic() + BATCH_WAIT  # the main thread is sending: look later
+        try:
+            if not self.batch:
+                return None
+            now = time.monotonic()
+            if now - self.oldest < BATCH_WAIT:
+                return self.oldest + BATCH_WAIT
+            assert self.sock is not None
+            if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                return None  # downstream is full: the main thread's next send will wait
+            count = len(self.batch)
+            self.sock.send_multipart(self.batch.frames(), zmq.NOBLOCK, copy=False)
+            self.sent += count
+            self.last_flush = now
+            return None
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        if self.flusher is not None:
+            self.flusher.stop()
 
     def _send_blocking(self, frames: list[Any]) -> None:
         assert self.sock is not None
@@ -288,10 +379,43 @@ class Outbox:
                 self.control.handle()
             if self.sock in events:
                 try:
-                    self.sock.send_multipart(frames, zmq.NOBLOCK)
+                    self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
                     return
                 except zmq.Again:
                     continue
+
+
+class Flusher(threading.Thread):
+    """Sends an outbox's batch once its oldest output has waited BATCH_WAIT."""
+
+    def __init__(self, outbox: Outbox):
+        super().__init__(name="zpipe-flusher", daemon=True)
+        self.outbox = outbox
+        self.deadline = 0.0
+        self.armed = threading.Event()
+        self.stopping = False
+
+    def arm(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.armed.set()
+
+    def run(self) -> None:
+        while True:
+            self.armed.wait()
+            self.armed.clear()
+            deadline: float | None = self.deadline
+            while deadline is not None and not self.stopping:
+                delay = deadline - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                deadline = self.outbox.flush_if_due()
+            if self.stopping:
+                return
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.armed.set()
+        self.join(5)
 
 
 class Heartbeat(threading.Thread):
@@ -321,7 +445,7 @@ class Heartbeat(threading.Thread):
                 sock.send(protocol.pack(protocol.HEARTBEAT, **self.counts()))
                 deadline = time.monotonic() + HEARTBEAT_INTERVAL
                 while (left := deadline - time.monotonic()) > 0 and not self.stopping.is_set():
-                    if sock.poll(int(left * 1000) + 1):
+                    if sock.poll(min(100, int(left * 1000) + 1)):  # 100 ms: stop() is quick
                         sock.recv()
                         last_ping = time.monotonic()
                 if time.monotonic() - last_ping > self.supervisor_timeout:
@@ -385,6 +509,8 @@ class Replica:
             self.outbox = Outbox(push, control, source=self.inbox is None,
                                  number_outputs=self.wiring.number_outputs,
                                  ordered_by=self.inbox if self.wiring.ordered else None)
+            if self.inbox is not None:
+                self.inbox.before_idle = self.outbox.flush
             self.phase = "setup"
             try:
                 self.body.setup()
@@ -408,6 +534,8 @@ class Replica:
             status = 1
             self._report(exc)
         finally:
+            if self.outbox is not None:
+                self.outbox.close()
             for sock in sockets:
                 sock.close(0 if status == 0 else transport.LINGER_MS)
         return status
@@ -426,6 +554,9 @@ class Replica:
         try:
             self.body.run(self.inbox, self.outbox.send, end_input)
         except SourceStopped:
+            pass
+        self.outbox.flush()  # before DONE: what DONE counts must be on its way
+        if self.inbox is None:
             return
         if self.inbox is not None and not self.control.stopped:
             # The function returned before its input ended (like a `head`): the
