@@ -3,12 +3,25 @@
 The public API is what this module exports; every other module is private.
 """
 
-from .api import Pipeline, Task, run
+from typing import TYPE_CHECKING, Any
+
 from .config import PipelineSpec, StageSpec, load
 from .errors import ConfigError, EncodeError, StageError, ZpipeError
 from .stage import Stage
 from .supervisor import Outcome
 
+if TYPE_CHECKING:
+    from .api import Pipeline, Task, run
+
 __all__ = ["ConfigError", "EncodeError", "Outcome", "Pipeline", "PipelineSpec", "Stage",
            "StageError", "StageSpec", "Task", "ZpipeError", "load", "run"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The Python API (and multiprocessing with it) loads on first use: stage
+    # processes started by `zpipe launch` never need it and start faster.
+    if name in ("Pipeline", "Task", "run"):
+        from . import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'zpipe' has no attribute {name!r}")

@@ -309,18 +309,18 @@ class Outbox:
             self.sent += 1
         else:
             with self.lock:
-                empty = not self.batch
-                self.batch.add(item, tag)
+                batch = self.batch
+                empty = not batch.encoded
+                batch.add(item, tag)
                 if empty:
                     self.oldest = now
-                batch = self.batch
                 if (empty and now - self.last_flush > IDLE_GAP) or batch.arrays or \
-                        len(batch) >= BATCH_ITEMS or batch.nbytes >= BATCH_BYTES or \
+                        len(batch.encoded) >= BATCH_ITEMS or batch.nbytes >= BATCH_BYTES or \
                         now - self.oldest >= BATCH_WAIT:
                     self._flush_locked(now)
-                elif empty:
-                    assert self.flusher is not None
-                    self.flusher.arm(now + BATCH_WAIT)
+                elif empty and self.flusher is not None and self.flusher.idle:
+                    self.flusher.idle = False
+                    self.flusher.armed.set()
         self.control.check(now)
         if self.source and self.control.stopped:
             raise SourceStopped()
@@ -343,27 +343,27 @@ class Outbox:
         self.sent += count
         self.last_flush = now
 
-    def flush_if_due(self) -> float | None:
-        """From the Flusher: send a batch whose time is up, if the socket takes it now.
+    def flush_if_due(self) -> bool:
+        """From the Flusher: send the batch if its time is up and the socket takes it now.
 
-        Returns when to look again (a newer batch), or None.
+        Returns whether a batch still waits (the Flusher then looks again later).
         """
         if not self.lock.acquire(blocking=False):
-            return time.monotonic() + BATCH_WAIT  # the main thread is sending: look later
+            return True  # the main thread is sending: look again later
         try:
-            if not self.batch:
-                return None
+            assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
-            if now - self.oldest < BATCH_WAIT:
-                return self.oldest + BATCH_WAIT
-            assert self.sock is not None
-            if not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
-                return None  # downstream is full: the main thread's next send will wait
-            count = len(self.batch)
-            self.sock.send_multipart(self.batch.frames(), zmq.NOBLOCK, copy=False)
-            self.sent += count
-            self.last_flush = now
-            return None
+            if self.batch.encoded and now - self.oldest >= BATCH_WAIT and \
+                    self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                count = len(self.batch)
+                self.sock.send_multipart(self.batch.frames(), zmq.NOBLOCK, copy=False)
+                self.sent += count
+                self.last_flush = now
+            if not self.batch.encoded:
+                # Decided under the lock, so that _emit sees it and re-arms.
+                self.flusher.idle = True
+                return False
+            return True
         finally:
             self.lock.release()
 
@@ -386,31 +386,27 @@ class Outbox:
 
 
 class Flusher(threading.Thread):
-    """Sends an outbox's batch once its oldest output has waited BATCH_WAIT."""
+    """Sends an outbox's batch once its oldest output has waited BATCH_WAIT.
+
+    It sleeps on ``armed`` while no batch waits; the outbox sets it when a
+    batch starts and the Flusher is idle (both under the outbox's lock).
+    """
 
     def __init__(self, outbox: Outbox):
         super().__init__(name="zpipe-flusher", daemon=True)
         self.outbox = outbox
-        self.deadline = 0.0
         self.armed = threading.Event()
+        self.idle = True
         self.stopping = False
 
-    def arm(self, deadline: float) -> None:
-        self.deadline = deadline
-        self.armed.set()
-
     def run(self) -> None:
-        while True:
+        while not self.stopping:
             self.armed.wait()
             self.armed.clear()
-            deadline: float | None = self.deadline
-            while deadline is not None and not self.stopping:
-                delay = deadline - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
-                deadline = self.outbox.flush_if_due()
-            if self.stopping:
-                return
+            while not self.stopping:
+                time.sleep(BATCH_WAIT)
+                if not self.outbox.flush_if_due():
+                    break
 
     def stop(self) -> None:
         self.stopping = True

@@ -11,7 +11,6 @@ import time
 from typing import Callable
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 # Nothing may hang at exit: a socket drops what it could not deliver after
 # this long. zpipe never relies on LINGER to deliver items: a replica exits
@@ -61,8 +60,9 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
             sock.connect(address)
         while len(connected) < expected:
             if monitor.poll(100):
-                event = recv_monitor_message(monitor)
-                connected.add(event["endpoint"].decode())
+                # A monitor event is [event id and value (6 bytes), endpoint].
+                _, endpoint = monitor.recv_multipart()
+                connected.add(endpoint.decode())
                 continue
             on_idle()
             if time.monotonic() > deadline:
