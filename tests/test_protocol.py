@@ -59,3 +59,44 @@ def test_version_mismatch(version):
 def test_garbage_raises_value_error(data):
     with pytest.raises(ValueError, match="control message"):
         protocol.unpack(data)
+
+
+def test_a_peer_of_another_version_is_a_clear_error(tmp_path):
+    """A replica speaking protocol 2 fails the pipeline, naming the versions."""
+    import msgpack
+    import zmq
+
+    from zpipe import codec as wire
+    from zpipe.config import PipelineSpec, StageSpec
+    from zpipe.supervisor import Supervisor
+
+    class NoProcesses:
+        def exited(self):
+            return {}
+
+        def terminate(self, names):
+            pass
+
+        def kill(self, names):
+            pass
+
+    spec = PipelineSpec(name="p", stages=(StageSpec(name="src", run="m:f"),), grace=1)
+    address = f"ipc://{tmp_path}/control"
+    reports: list[str] = []
+    ctx = zmq.Context()
+    supervisor = Supervisor(spec, address, NoProcesses(), reports.append, ctx=ctx)
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.IDENTITY, b"src-0")
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(address)
+    peer.send(msgpack.packb([wire.PROTOCOL_VERSION + 1, "hello", {}]))
+    for _ in range(50):
+        supervisor._tick()
+        if supervisor.failures:
+            break
+    peer.close()
+    supervisor.router.close(0)
+    ctx.term()
+    assert supervisor.failures
+    assert "protocol version 2" in supervisor.failures[0].message
+    assert "this zpipe speaks 1" in supervisor.failures[0].message

@@ -36,6 +36,10 @@ class DecodeError(ValueError):
     """A data message that is not zpipe's wire format (or another version of it)."""
 
 
+class VersionMismatch(DecodeError):
+    """A data message from a peer speaking another protocol version."""
+
+
 def _numpy() -> Any:
     # numpy is imported on first use so that stages which never touch an array
     # start faster.
@@ -194,7 +198,7 @@ def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
     if not isinstance(message, list) or len(message) < 2 or not isinstance(message[1], list):
         raise DecodeError("not a zpipe data message: header is not [version, items]")
     if message[0] != PROTOCOL_VERSION:
-        raise DecodeError(f"protocol version {message[0]!r} received, this zpipe speaks "
+        raise VersionMismatch(f"protocol version {message[0]!r} received, this zpipe speaks "
                           f"{PROTOCOL_VERSION}: run the same zpipe version in every stage")
     tags = message[2] if len(message) > 2 else None
     if tags is not None and (not isinstance(tags, list) or len(tags) != len(message[1])):

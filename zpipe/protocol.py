@@ -34,6 +34,10 @@ def pack(kind: str, **fields: Any) -> bytes:
     return msgpack.packb([PROTOCOL_VERSION, kind, fields], use_bin_type=True)
 
 
+class VersionMismatch(ValueError):
+    """A control message from a peer speaking another protocol version."""
+
+
 def unpack(data: bytes) -> tuple[str, dict[str, Any]]:
     """(kind, fields); raises ValueError on anything else."""
     try:
@@ -41,7 +45,7 @@ def unpack(data: bytes) -> tuple[str, dict[str, Any]]:
     except Exception as exc:
         raise ValueError(f"malformed control message: {exc}") from None
     if version != PROTOCOL_VERSION:
-        raise ValueError(f"control message of protocol version {version!r}; this zpipe speaks "
+        raise VersionMismatch(f"control message of protocol version {version!r}; this zpipe speaks "
                          f"{PROTOCOL_VERSION}: run the same zpipe version everywhere")
     if not isinstance(kind, str) or not isinstance(fields, dict):
         raise ValueError("malformed control message: expected [version, kind, fields]")

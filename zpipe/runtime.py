@@ -187,6 +187,8 @@ class Inbox(Inputs):
             self.control.check(time.monotonic())
             try:
                 items, tags = codec.decode_tagged(frames)
+            except codec.VersionMismatch:
+                raise  # not noise to drop: the pipeline is built wrong
             except codec.DecodeError as exc:
                 self.malformed += 1
                 log.warning("stage %r dropped a malformed message (%d so far): %s",

@@ -203,6 +203,12 @@ class Supervisor:
     def _on_message(self, identity: str, data: bytes) -> None:
         try:
             kind, fields = protocol.unpack(data)
+        except protocol.VersionMismatch as exc:
+            name = identity.removesuffix("/hb")
+            stage = self.replicas[name].stage if name in self.replicas else "?"
+            self._fail(Failure(stage, name, "error", exc_type="zpipe.VersionMismatch",
+                               message=str(exc)))
+            return
         except ValueError as exc:
             self.report(f"ignored a control message from {identity!r}: {exc}")
             return
