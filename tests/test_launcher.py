@@ -327,3 +327,80 @@ def test_ordered_stage_keeps_input_order_across_replicas(project):
         [x for x in range(500) if x % 4]
     # Order markers for filtered items are accounted for, not shown as items.
     assert ("uneven", 500, 375) in finished_lines(result.stderr)
+
+
+def start_replicas(project, env) -> list:
+    """Every replica as its own `zpipe stage` process, as containers would run them."""
+    import subprocess
+    import sys
+    procs = []
+    for stage, replicas in (("source", 1), ("relay", 2), ("sink", 1)):
+        for i in range(replicas):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "zpipe", "stage", str(project.toml), stage,
+                 "--replica", str(i)], cwd=project.root, env=env,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def separate_processes(project, count: int, source: str = "numbers") -> dict:
+    import os
+    control, sink = free_ports(2)
+    relay = next(p for p in free_ports(20) if p + 1 not in (control, sink) and port_is_free(p + 1))
+    project.pipeline(toml(
+        f'name = "source"\nrun = "stages:{source}"\nparams = {{ count = {count} }}',
+        'name = "relay"\nrun = "stages:relay"\nreplicas = 2\naddress = "tcp://127.0.0.1:1"',
+        f'name = "sink"\nrun = "stages:record"\nparams = {{ path = "out.jsonl" }}\n'
+        f'address = "tcp://127.0.0.1:{sink}"',
+        extra=f'control = "tcp://127.0.0.1:{control}"'), STAGES + """
+def endless(count):
+    import itertools
+    for i in itertools.count():
+        time.sleep(0.002)
+        yield i
+""")
+    # The file's relay address is a placeholder: the environment overrides it.
+    return {**os.environ, "ZPIPE_ADDRESS_RELAY": f"tcp://127.0.0.1:{relay}"}
+
+
+def test_supervise_alone_with_replicas_started_separately(project):
+    import subprocess
+    import sys
+    env = separate_processes(project, 2000)
+    supervisor = subprocess.Popen([sys.executable, "-m", "zpipe", "supervise", str(project.toml)],
+                                  cwd=project.root, env=env, stderr=subprocess.PIPE, text=True)
+    replicas = start_replicas(project, env)
+    try:
+        _, err = supervisor.communicate(timeout=60)
+        codes = [p.wait(30) for p in replicas]
+    finally:
+        for p in [supervisor, *replicas]:
+            p.kill()
+    assert supervisor.returncode == 0, err
+    assert codes == [0, 0, 0, 0], [p.stderr.read() for p in replicas]
+    assert "replica relay-1 joined from" in err
+    assert sorted(json.loads(x) for x in project.lines("out.jsonl")) == list(range(2000))
+
+
+def test_supervise_reports_a_replica_that_vanishes_and_stops_the_rest(project):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from conftest import wait_until
+    env = separate_processes(project, 0, source="endless")
+    supervisor = subprocess.Popen([sys.executable, "-m", "zpipe", "supervise", str(project.toml)],
+                                  cwd=project.root, env=env, stderr=subprocess.PIPE, text=True)
+    replicas = start_replicas(project, env)
+    try:
+        wait_until(lambda: len(project.lines("out.jsonl")) > 20, what="items at the sink")
+        os.kill(replicas[1].pid, signal.SIGKILL)  # relay-0's host goes away
+        _, err = supervisor.communicate(timeout=30)
+        codes = [p.wait(30) for p in replicas]
+    finally:
+        for p in [supervisor, *replicas]:
+            p.kill()
+    assert supervisor.returncode == 1
+    assert re.search(r"stage 'relay' replica relay-0 \(pid \d+\) died without a word: no "
+                     r"heartbeat for 5 s", err), err
+    assert codes[1] == -signal.SIGKILL and all(c is not None for c in codes)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 
 import click
 
 from . import launcher, worker
-from .config import load
+from .config import apply_environment, load
 from .errors import ConfigError
 
 EXIT_BAD_INPUT = 2
@@ -61,7 +62,25 @@ def validate(file: str) -> None:
 def stage(file: str, name: str, replica: int) -> None:
     """Run one replica of stage NAME of FILE (what `launch` starts for each replica)."""
     try:
-        status = worker.run_stage_process(load(file), name, replica)
+        status = worker.run_stage_process(apply_environment(load(file), os.environ), name,
+                                          replica)
     except ConfigError as exc:
         _fail(exc)
     sys.exit(status)
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--grace", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to let items in flight drain after Ctrl-C or SIGTERM.")
+def supervise(file: str, grace: float | None) -> None:
+    """Run only the supervisor of FILE, for replicas started elsewhere (containers, hosts).
+
+    Every replica runs as `zpipe stage FILE NAME --replica I`; addresses are the
+    file's tcp ones, or ZPIPE_CONTROL and ZPIPE_ADDRESS_<STAGE> from the environment.
+    """
+    try:
+        outcome = launcher.supervise(file, grace=grace)
+    except ConfigError as exc:
+        _fail(exc)
+    sys.exit(outcome.exit_code)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .errors import ConfigError
 
@@ -22,6 +22,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
 RUN_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 TCP_RE = re.compile(r"tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)")
 
+REPLICA = "{replica}"
 PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout"}
 STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered"}
 
@@ -228,7 +229,10 @@ def _check_tcp(address: Any, where: str, replicas: int = 1) -> None:
     match = TCP_RE.fullmatch(address) if isinstance(address, str) else None
     if not match or not 0 < int(match["port"]) < 65536:
         raise ConfigError(f"{where} must be \"tcp://HOST:PORT\" (got {address!r})")
-    if int(match["port"]) + replicas - 1 > 65535:
+    if "{" in match["host"].replace(REPLICA, "") or "}" in match["host"].replace(REPLICA, ""):
+        raise ConfigError(f"{where}: the only placeholder a host may hold is {REPLICA} "
+                          f"(got {address!r})")
+    if REPLICA not in match["host"] and int(match["port"]) + replicas - 1 > 65535:
         raise ConfigError(f"{where}: replica i uses port PORT+i, and {replicas} replicas from "
                           f"port {match['port']} go past 65535")
 
@@ -236,7 +240,8 @@ def _check_tcp(address: Any, where: str, replicas: int = 1) -> None:
 def plan_addresses(spec: PipelineSpec, runtime_dir: str | Path) -> Addresses:
     """Compute every endpoint; ipc in ``runtime_dir`` unless the file names tcp ones.
 
-    A stage with ``address = "tcp://HOST:PORT"`` gives replica i port PORT + i.
+    A stage with ``address = "tcp://HOST:PORT"`` gives replica i port PORT + i;
+    with ``"tcp://NAME-{replica}:PORT"`` replica i is host NAME-i, port PORT.
     """
     runtime_dir = Path(runtime_dir)
     control = spec.control or f"ipc://{runtime_dir / 'control'}"
@@ -247,10 +252,43 @@ def plan_addresses(spec: PipelineSpec, runtime_dir: str | Path) -> Addresses:
         elif stage.address:
             match = TCP_RE.fullmatch(stage.address)
             assert match is not None
-            port = int(match["port"])
-            inputs[stage.name] = tuple(f"tcp://{match['host']}:{port + i}"
-                                       for i in range(stage.replicas))
+            host, port = match["host"], int(match["port"])
+            if REPLICA in host:  # a host per replica (containers): square-0, square-1, ...
+                inputs[stage.name] = tuple(f"tcp://{host.replace(REPLICA, str(i))}:{port}"
+                                           for i in range(stage.replicas))
+            else:
+                inputs[stage.name] = tuple(f"tcp://{host}:{port + i}"
+                                           for i in range(stage.replicas))
         else:
             inputs[stage.name] = tuple(f"ipc://{runtime_dir / stage.replica_name(i)}"
                                        for i in range(stage.replicas))
     return Addresses(control=control, inputs=inputs)
+
+
+ENV_CONTROL = "ZPIPE_CONTROL"
+ENV_ADDRESS_PREFIX = "ZPIPE_ADDRESS_"
+
+
+def address_variable(stage_name: str) -> str:
+    """The environment variable that overrides a stage's address: ZPIPE_ADDRESS_SQUARE."""
+    return ENV_ADDRESS_PREFIX + re.sub(r"[^A-Za-z0-9]", "_", stage_name).upper()
+
+
+def apply_environment(spec: PipelineSpec, environ: Mapping[str, str]) -> PipelineSpec:
+    """The spec with addresses overridden from the environment (as containers set them).
+
+    ZPIPE_CONTROL replaces [pipeline] control; ZPIPE_ADDRESS_<STAGE> a stage's
+    address (same forms as in the file).
+    """
+    where = f"{spec.where} (environment)"
+    control = environ.get(ENV_CONTROL) or spec.control
+    if control != spec.control:
+        _check_tcp(control, f"{where}: {ENV_CONTROL}")
+    stages = []
+    for index, stage in enumerate(spec.stages):
+        address = environ.get(address_variable(stage.name))
+        if address and index > 0:
+            _check_tcp(address, f"{where}: {address_variable(stage.name)}", stage.replicas)
+            stage = replace(stage, address=address)
+        stages.append(stage)
+    return replace(spec, control=control, stages=tuple(stages))

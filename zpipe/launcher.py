@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import IO, Callable
 
 from . import shapes
-from .config import PipelineSpec, load, plan_addresses
-from .processes import Processes
+from .config import PipelineSpec, apply_environment, load, plan_addresses
+from .errors import ConfigError
+from .processes import Processes, Remote
 from .shapes import Callee
 from .supervisor import Outcome, Supervisor
 from .worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
@@ -98,9 +99,9 @@ def launch(path: str | Path, grace: float | None = None,
            out: IO[bytes] | None = None, err: IO[bytes] | None = None) -> Outcome:
     """Run the pipeline in ``path`` to its end on this host; raises ConfigError for a bad file."""
     path = Path(path).resolve()
-    spec = load(path)
+    spec = apply_environment(load(path), os.environ)
     check(spec)
-    report = report or (lambda text: print(f"zpipe: {text}", file=sys.stderr, flush=True))
+    report = report or _print_report
     runtime_dir = tempfile.mkdtemp(prefix=f"zpipe-{spec.name}-")
     workers = Processes()
     pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer)
@@ -108,10 +109,7 @@ def launch(path: str | Path, grace: float | None = None,
     try:
         addresses = plan_addresses(spec, runtime_dir)
         supervisor = Supervisor(spec, addresses.control, workers, report, grace=grace)
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(
-                    signum, lambda sig, frame: supervisor.request_stop(sig))
+        previous = _stop_on_signals(supervisor)
         env = {**os.environ, ENV_RUNTIME_DIR: runtime_dir, ENV_PARENT_PID: str(os.getpid()),
                "PYTHONUNBUFFERED": "1"}
         for stage in spec.stages:
@@ -131,3 +129,39 @@ def launch(path: str | Path, grace: float | None = None,
         for signum, handler in previous.items():
             signal.signal(signum, handler)  # type: ignore[arg-type]
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def supervise(path: str | Path, grace: float | None = None,
+              report: Callable[[str], None] | None = None) -> Outcome:
+    """`zpipe supervise`: the supervisor alone, for replicas started elsewhere."""
+    spec = apply_environment(load(path), os.environ)
+    if spec.control is None or any(s.address is None for s in spec.stages[1:]):
+        raise ConfigError(f"{spec.where}: zpipe supervise serves replicas started elsewhere, "
+                          f"so every address must be tcp: set [pipeline] control and each "
+                          f"later stage's address (or ZPIPE_CONTROL, ZPIPE_ADDRESS_<STAGE>)")
+    report = report or _print_report
+    supervisor = Supervisor(spec, spec.control, Remote(), report, grace=grace)
+    previous = _stop_on_signals(supervisor)
+    try:
+        report(f"{spec.name}: supervisor at {spec.control}, waiting for "
+               f"{sum(s.replicas for s in spec.stages)} replicas")
+        outcome = supervisor.run()
+        report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
+        return outcome
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+
+def _print_report(text: str) -> None:
+    print(f"zpipe: {text}", file=sys.stderr, flush=True)
+
+
+def _stop_on_signals(supervisor: Supervisor) -> dict[int, object]:
+    """Ctrl-C and SIGTERM become the supervisor's ordered stop; returns the old handlers."""
+    previous: dict[int, object] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(
+                signum, lambda sig, frame: supervisor.request_stop(sig))
+    return previous

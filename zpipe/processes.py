@@ -128,3 +128,22 @@ class Threads:
     def reap(self) -> None:
         for thread in self.threads.values():
             thread.join(REAP_TIMEOUT)
+
+
+class Remote:
+    """Replicas this process did not start (containers, other hosts).
+
+    The supervisor sees them only through their heartbeats: it cannot signal
+    them, and it learns of a death when the heartbeats stop.
+    """
+
+    remote = True
+
+    def exited(self) -> dict[str, int]:
+        return {}
+
+    def terminate(self, names: list[str]) -> None:
+        pass
+
+    def kill(self, names: list[str]) -> None:
+        pass

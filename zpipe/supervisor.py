@@ -34,6 +34,7 @@ from .config import PipelineSpec
 TICK_MS = 100
 ABORT_WAIT = 3.0      # after ABORT, how long before SIGTERM
 TERMINATE_WAIT = 3.0  # after SIGTERM, how long before SIGKILL
+HEARTBEAT_TIMEOUT = 5.0  # a remote replica silent this long is gone
 
 
 class Workers(Protocol):
@@ -64,6 +65,7 @@ class ReplicaState:
     markers_received: int = 0
     markers_sent: int = 0
     heartbeat: tuple[int, int] = (0, 0)  # (received, sent) from the last heartbeat
+    last_seen: float = 0.0
 
 
 @dataclass
@@ -157,6 +159,8 @@ class Supervisor:
         self.grace_deadline: float | None = None
         self.last_progress = time.monotonic()
         self.killed_since: float | None = None
+        # Replicas this process did not start are known only by their heartbeats.
+        self.remote = bool(getattr(workers, "remote", False))
 
     # -- public ------------------------------------------------------------
 
@@ -199,6 +203,8 @@ class Supervisor:
     def _send(self, replica: ReplicaState, kind: str, **fields: Any) -> None:
         if not replica.exited:
             self.router.send_multipart([replica.name.encode(), protocol.pack(kind, **fields)])
+            if self.remote and kind == protocol.EXIT:
+                replica.exited = True  # its work is over; it closes by itself
 
     def _on_message(self, identity: str, data: bytes) -> None:
         try:
@@ -215,6 +221,8 @@ class Supervisor:
         if identity.endswith("/hb"):
             self.router.send_multipart([identity.encode(), protocol.pack(protocol.PING)])
             beating = self.replicas.get(identity[:-3])
+            if beating is not None:
+                beating.last_seen = time.monotonic()
             if beating is not None and kind == protocol.HEARTBEAT:
                 counts = (int(fields.get("received", 0)), int(fields.get("sent", 0)))
                 if counts != beating.heartbeat:
@@ -235,6 +243,10 @@ class Supervisor:
 
     def _on_hello(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         replica.hello, replica.pid = True, fields.get("pid")
+        replica.last_seen = time.monotonic()
+        if self.remote:
+            self.report(f"replica {replica.name} joined from {fields.get('host')} "
+                        f"(pid {replica.pid})")
         if self.aborting_since is not None:
             self._send(replica, protocol.ABORT, reason="the pipeline is stopping")
 
@@ -336,14 +348,16 @@ class Supervisor:
             for r in stage.replicas:
                 self._send(r, protocol.ABORT, reason=reason)
 
-    def _on_exit(self, replica: ReplicaState, status: int) -> None:
+    def _on_exit(self, replica: ReplicaState, status: int | None) -> None:
+        """A replica ended (``status``), or a remote one fell silent (None)."""
         replica.exited = True
         expected = (replica.done and status == 0) or replica.failed or \
             self.aborting_since is not None or self.killed
         if not expected:
+            how = describe_status(status) if status is not None else \
+                f"no heartbeat for {HEARTBEAT_TIMEOUT:g} s (its process or host is gone)"
             self._fail(Failure(replica.stage, replica.name, "died",
-                               message=f"(pid {replica.pid}) died without a word: "
-                                       f"{describe_status(status)}"))
+                               message=f"(pid {replica.pid}) died without a word: {how}"))
 
     def _on_signal(self, signum: int) -> None:
         if self.interrupted is None:
@@ -365,6 +379,9 @@ class Supervisor:
 
     def _check_timers(self) -> None:
         now = time.monotonic()
+        if self.remote and self.killed:
+            for r in self.replicas.values():
+                r.exited = True
         if not self.running and self.aborting_since is None and \
                 now - self.started_at > self.spec.startup_timeout:
             waiting = [r.name + (" (in set-up or connecting)" if r.hello else " (not started)")
@@ -388,11 +405,24 @@ class Supervisor:
                 self.workers.terminate(self._alive())
             elif self.terminated_since is not None and now - self.terminated_since > TERMINATE_WAIT:
                 self._kill()
+        if self.remote:
+            self._check_remote(now)
         if self.killed_since is not None and now - self.killed_since > TERMINATE_WAIT:
             # Only threads outlive a kill: they cannot be forced. Leave them.
             for name in self._alive():
                 self.report(f"replica {name} did not stop; left behind")
                 self.replicas[name].exited = True
+
+    def _check_remote(self, now: float) -> None:
+        for r in self.replicas.values():
+            if r.hello and not r.exited and now - r.last_seen > HEARTBEAT_TIMEOUT:
+                if self.aborting_since is not None or self.killed:
+                    r.exited = True
+                else:
+                    self._on_exit(r, None)
+        if self.aborting_since is not None and now - self.aborting_since > ABORT_WAIT:
+            for r in self.replicas.values():
+                r.exited = True  # told to abort; nothing more can be done from here
 
     def _kill(self) -> None:
         self.killed = True

@@ -22,7 +22,6 @@ from .errors import ConfigError
 from .runtime import Heartbeat, Replica, Wiring
 
 ENV_RUNTIME_DIR = "ZPIPE_RUNTIME_DIR"
-ENV_CONTROL = "ZPIPE_CONTROL"
 ENV_PARENT_PID = "ZPIPE_PARENT_PID"
 ENV_SUPERVISOR_TIMEOUT = "ZPIPE_SUPERVISOR_TIMEOUT"
 DEFAULT_SUPERVISOR_TIMEOUT = 5.0
@@ -67,8 +66,6 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
                           f"{ENV_RUNTIME_DIR} to the launcher's runtime folder, or give every "
                           f"stage a tcp address and [pipeline] control")
     addresses = plan_addresses(spec, Path(runtime_dir or "."))
-    control = os.environ.get(ENV_CONTROL) or addresses.control
-    addresses = Addresses(control=control, inputs=addresses.inputs)
     callee = shapes.resolve_stage(spec, spec.index(stage_name))
     return serve(callee, replica, stage.replicas, wiring_for(spec, addresses, stage_name, replica))
 
