@@ -100,3 +100,45 @@ def test_a_peer_of_another_version_is_a_clear_error(tmp_path):
     assert supervisor.failures
     assert "protocol version 2" in supervisor.failures[0].message
     assert "this zpipe speaks 1" in supervisor.failures[0].message
+
+
+def test_a_stage_written_with_only_pyzmq_and_msgpack_joins_a_pipeline(project):
+    """docs/protocol.md is enough to write a stage in any language."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_launcher import free_ports, toml
+
+    control, relay, sink = free_ports(3)
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 3000 }',
+        f'name = "foreign"\nrun = "stages:unused"\naddress = "tcp://127.0.0.1:{relay}"',
+        f'name = "sink"\nrun = "stages:record"\naddress = "tcp://127.0.0.1:{sink}"',
+        extra=f'control = "tcp://127.0.0.1:{control}"'),
+        "import json\nfrom typing import Iterable\n"
+        "def numbers(count):\n    yield from range(count)\n"
+        "def unused(x):\n    return x\n"
+        "def record(items: Iterable):\n"
+        "    with open('out.txt', 'w') as f:\n"
+        "        f.write(json.dumps(list(items)))\n")
+    zpipe_cmd = [sys.executable, "-m", "zpipe"]
+    procs = [subprocess.Popen([*zpipe_cmd, "supervise", str(project.toml)], cwd=project.root,
+                              stderr=subprocess.PIPE, text=True)]
+    procs += [subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), name], cwd=project.root)
+              for name in ("source", "sink")]
+    procs.append(subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("foreign_stage.py")),
+         f"tcp://127.0.0.1:{control}", f"tcp://127.0.0.1:{relay}",
+         f"tcp://127.0.0.1:{sink}", "foreign-0"], cwd=project.root))
+    try:
+        _, err = procs[0].communicate(timeout=60)
+        codes = [p.wait(30) for p in procs[1:]]
+    finally:
+        for p in procs:
+            p.kill()
+    assert procs[0].returncode == 0, err
+    assert codes == [0, 0, 0]
+    import json
+    assert sorted(json.loads(project.read("out.txt"))) == [10 * x for x in range(3000)]
+    assert "stage 'foreign' finished: 3000 in, 3000 out" in err
