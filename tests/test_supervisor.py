@@ -260,6 +260,9 @@ def test_launcher_killed_takes_its_stages_with_it(project):
 
 def test_stage_without_a_supervisor_gives_up(project, tmp_path):
     endless(project)
+    # Before its first contact a replica waits startup_timeout for the supervisor.
+    project.write("pipeline.toml", project.read("pipeline.toml").replace(
+        'name = "t"', 'name = "t"\nstartup_timeout = 1'))
     env = {**os.environ, "ZPIPE_RUNTIME_DIR": str(tmp_path), "ZPIPE_SUPERVISOR_TIMEOUT": "1"}
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "zpipe", "stage", str(project.toml), "relay",

@@ -6,8 +6,11 @@ import os
 import sys
 import tempfile
 
+from typing import Any
+
 import click
 
+from . import export as exporting
 from . import launcher, worker
 from .config import apply_environment, load
 from .errors import ConfigError
@@ -84,3 +87,22 @@ def supervise(file: str, grace: float | None) -> None:
     except ConfigError as exc:
         _fail(exc)
     sys.exit(outcome.exit_code)
+
+
+@main.group()
+def export() -> None:
+    """Write deployment files for a pipeline."""
+
+
+@export.command("compose")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.File("w"), default="-", show_default=True,
+              help="Where to write docker-compose.yml.")
+@click.option("--image", default=None, help="Image every service runs (default: zpipe-NAME).")
+def export_compose(file: str, output: Any, image: str | None) -> None:
+    """A docker-compose.yml running each replica of FILE as its own service."""
+    try:
+        spec = load(file)
+    except ConfigError as exc:
+        _fail(exc)
+    output.write(exporting.compose(spec, file, image or f"zpipe-{spec.name}:latest"))

@@ -425,19 +425,20 @@ class Heartbeat(threading.Thread):
 
     def __init__(self, ctx: zmq.Context, address: str, identity: str,
                  counts: Callable[[], dict[str, int]], supervisor_timeout: float,
-                 on_lost: Callable[[], None]):
+                 on_lost: Callable[[], None], first_contact_timeout: float = 60.0):
         super().__init__(name=f"zpipe-heartbeat-{identity}", daemon=True)
         self.ctx = ctx
         self.address = address
         self.identity = identity
         self.counts = counts
         self.supervisor_timeout = supervisor_timeout
+        self.first_contact_timeout = first_contact_timeout
         self.on_lost = on_lost
         self.stopping = threading.Event()
 
     def run(self) -> None:
         sock = transport.dealer(self.ctx, self.address, f"{self.identity}/hb")
-        last_ping = time.monotonic()
+        last_ping, heard = time.monotonic(), False
         try:
             while not self.stopping.is_set():
                 sock.send(protocol.pack(protocol.HEARTBEAT, **self.counts()))
@@ -445,8 +446,12 @@ class Heartbeat(threading.Thread):
                 while (left := deadline - time.monotonic()) > 0 and not self.stopping.is_set():
                     if sock.poll(min(100, int(left * 1000) + 1)):  # 100 ms: stop() is quick
                         sock.recv()
-                        last_ping = time.monotonic()
-                if time.monotonic() - last_ping > self.supervisor_timeout:
+                        last_ping, heard = time.monotonic(), True
+                # Until the first ping the supervisor may still be starting
+                # (containers start in any order): allow it the start-up time.
+                limit = self.supervisor_timeout if heard else max(self.supervisor_timeout,
+                                                                   self.first_contact_timeout)
+                if time.monotonic() - last_ping > limit:
                     self.on_lost()
                     return
         except zmq.ContextTerminated:

@@ -96,7 +96,8 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
     worker = Replica(callee, replica, replicas, wiring, context)
     timeout = supervisor_timeout
     heartbeat = Heartbeat(context, wiring.control, worker.name, worker.counts, timeout,
-                          on_lost=lambda: _supervisor_lost(worker.name, timeout))
+                          on_lost=lambda: _supervisor_lost(worker.name, timeout),
+                          first_contact_timeout=wiring.connect_timeout)
     heartbeat.start()
     try:
         return worker.run()

@@ -1,0 +1,56 @@
+"""`zpipe export compose`: the committed docker-compose.yml is what the exporter writes, and valid."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zpipe import load
+from zpipe.export import compose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def exported() -> str:
+    result = subprocess.run([sys.executable, "-m", "zpipe", "export", "compose",
+                             "services/pipeline.toml"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_committed_compose_file_is_the_export_of_the_example():
+    assert (ROOT / "docker-compose.yml").read_text() == exported(), \
+        "regenerate: zpipe export compose services/pipeline.toml > docker-compose.yml"
+
+
+def test_one_service_per_replica_and_a_supervisor_stopped_first():
+    spec = load(ROOT / "services" / "pipeline.toml")
+    text = compose(spec, "services/pipeline.toml", "img")
+    names = [s.replica_name(i) for s in spec.stages for i in range(s.replicas)]
+    for name in names + ["supervisor"]:
+        assert f"\n  {name}:\n" in text
+    supervisor = text.split("\n  supervisor:\n")[1]
+    assert all(f'      - "{name}"' in supervisor for name in names)  # depends_on: every replica
+    assert f'stop_grace_period: "{int(spec.grace) + 10}s"' in text
+    assert '"ZPIPE_ADDRESS_DETECTOR: ' not in text
+    assert 'ZPIPE_ADDRESS_DETECTOR: "tcp://detector-{replica}:5555"' in text
+    assert 'restart: "no"' in text
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None,
+                    reason="docker-compose (Debian package) not installed; .ci/run installs it")
+def test_compose_file_is_valid_compose(tmp_path):
+    (tmp_path / "docker-compose.yml").write_text(exported())
+    result = subprocess.run(["docker-compose", "config", "-q"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    broken = exported().replace("    image:", "    imagex:", 1)
+    (tmp_path / "docker-compose.yml").write_text(broken)
+    result = subprocess.run(["docker-compose", "config", "-q"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "imagex" in result.stderr
