@@ -54,3 +54,30 @@ def test_compose_file_is_valid_compose(tmp_path):
     result = subprocess.run(["docker-compose", "config", "-q"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "imagex" in result.stderr
+
+
+def test_kubernetes_manifests_give_every_replica_a_stable_name():
+    import yaml
+    result = subprocess.run([sys.executable, "-m", "zpipe", "export", "k8s",
+                             "services/pipeline.toml"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    docs = list(yaml.safe_load_all(result.stdout))
+    spec = load(ROOT / "services" / "pipeline.toml")
+    units = [s.name for s in spec.stages] + ["supervisor"]
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    sets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+    assert sorted(services) == sorted(sets) == sorted(units)
+    for stage in spec.stages:
+        service, workload = services[stage.name], sets[stage.name]
+        assert service["spec"]["clusterIP"] == "None"  # headless: NAME-i.NAME resolves
+        assert workload["spec"]["serviceName"] == stage.name
+        assert workload["spec"]["replicas"] == stage.replicas
+        assert workload["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == int(spec.grace) + 10
+        command = pod["containers"][0]["command"][-1]
+        assert f"zpipe stage services/pipeline.toml {stage.name} --replica" in command
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert env["ZPIPE_CONTROL"] == "tcp://supervisor-0.supervisor:5600"
+        assert env["ZPIPE_ADDRESS_TRACKER"] == "tcp://tracker-{replica}.tracker:5555"

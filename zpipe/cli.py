@@ -106,3 +106,17 @@ def export_compose(file: str, output: Any, image: str | None) -> None:
     except ConfigError as exc:
         _fail(exc)
     output.write(exporting.compose(spec, file, image or f"zpipe-{spec.name}:latest"))
+
+
+@export.command("k8s")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.File("w"), default="-", show_default=True,
+              help="Where to write the manifests.")
+@click.option("--image", default=None, help="Image every pod runs (default: zpipe-NAME).")
+def export_k8s(file: str, output: Any, image: str | None) -> None:
+    """Kubernetes manifests: a headless Service and a StatefulSet per stage."""
+    try:
+        spec = load(file)
+    except ConfigError as exc:
+        _fail(exc)
+    output.write(exporting.kubernetes(spec, file, image or f"zpipe-{spec.name}:latest"))
