@@ -142,3 +142,50 @@ def test_a_stage_written_with_only_pyzmq_and_msgpack_joins_a_pipeline(project):
     import json
     assert sorted(json.loads(project.read("out.txt"))) == [10 * x for x in range(3000)]
     assert "stage 'foreign' finished: 3000 in, 3000 out" in err
+
+
+def test_malformed_messages_are_counted_logged_and_dropped(project):
+    """A stranger's garbage on a stage's port neither crashes it nor corrupts a count."""
+    import json
+    import subprocess
+    import sys
+
+    import zmq
+
+    from conftest import wait_until
+    from test_launcher import free_ports, toml
+
+    control, relay = free_ports(2)
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 500 }',
+        f'name = "relay"\nrun = "stages:relay"\naddress = "tcp://127.0.0.1:{relay}"',
+        'name = "sink"\nrun = "stages:record"'),
+        "import json, os, time\nfrom typing import Iterable\n"
+        "def numbers(count):\n"
+        "    while not os.path.exists('garbage-sent'):\n"
+        "        time.sleep(0.01)\n"
+        "    yield from range(count)\n"
+        "def relay(x):\n    return x\n"
+        "def record(items: Iterable):\n"
+        "    with open('out.txt', 'w') as f:\n"
+        "        f.write(json.dumps(list(items)))\n")
+    launcher = subprocess.Popen([sys.executable, "-m", "zpipe", "launch", str(project.toml)],
+                                cwd=project.root, stderr=subprocess.PIPE, text=True)
+    ctx = zmq.Context()
+    rogue = ctx.socket(zmq.PUSH)
+    rogue.setsockopt(zmq.LINGER, 2000)
+    try:
+        rogue.connect(f"tcp://127.0.0.1:{relay}")
+        for junk in ([b"\xc1garbage"], [b"\x92\x07\x90"], [b"\x92\x01\x91\xc7\x05\x01abcde"],
+                     [b"not msgpack", b"extra frame"]):
+            rogue.send_multipart(junk)
+        rogue.close()
+        (project.root / "garbage-sent").touch()
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+        ctx.term()
+    assert launcher.returncode == 0, err
+    assert json.loads(project.read("out.txt")) == list(range(500))
+    assert "stage 'relay' dropped a malformed message (4 so far)" in err
+    assert "stage 'relay' finished: 500 in, 500 out" in err

@@ -187,9 +187,10 @@ class Inbox(Inputs):
             self.control.check(time.monotonic())
             try:
                 items, tags = codec.decode_tagged(frames)
-            except codec.VersionMismatch:
-                raise  # not noise to drop: the pipeline is built wrong
             except codec.DecodeError as exc:
+                # Anyone may reach a socket: what is not zpipe's format is
+                # dropped, never fatal (a real peer of another version is
+                # caught by the supervisor when it says hello).
                 self.malformed += 1
                 log.warning("stage %r dropped a malformed message (%d so far): %s",
                             self.stage, self.malformed, exc)

@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol
 import zmq
 
 from . import protocol, transport
+from .codec import PROTOCOL_VERSION
 from .config import PipelineSpec
 
 TICK_MS = 100
@@ -242,6 +243,13 @@ class Supervisor:
     # -- messages ----------------------------------------------------------
 
     def _on_hello(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        if fields.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            self._fail(Failure(replica.stage, replica.name, "error",
+                               exc_type="zpipe.VersionMismatch",
+                               message=f"speaks protocol version {fields.get('version')!r}, "
+                                       f"this supervisor {PROTOCOL_VERSION}: run the same zpipe "
+                                       f"version everywhere"))
+            return
         replica.hello, replica.pid = True, fields.get("pid")
         replica.last_seen = time.monotonic()
         if self.remote:
