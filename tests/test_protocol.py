@@ -152,7 +152,6 @@ def test_malformed_messages_are_counted_logged_and_dropped(project):
 
     import zmq
 
-    from conftest import wait_until
     from test_launcher import free_ports, toml
 
     control, relay = free_ports(2)
@@ -189,3 +188,94 @@ def test_malformed_messages_are_counted_logged_and_dropped(project):
     assert json.loads(project.read("out.txt")) == list(range(500))
     assert "stage 'relay' dropped a malformed message (4 so far)" in err
     assert "stage 'relay' finished: 500 in, 500 out" in err
+
+
+SECURE_STAGES = """
+import json
+from typing import Iterable
+
+def numbers(count):
+    yield from range(count)
+
+def relay(x):
+    return x
+
+def record(items: Iterable):
+    with open('out.txt', 'w') as f:
+        f.write(json.dumps(list(items)))
+"""
+
+
+def secure_pipeline(project, count: int) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    from test_launcher import free_ports, toml
+
+    control, relay = free_ports(2)
+    keys = subprocess.run([sys.executable, "-m", "zpipe", "keys", str(project.root / "keys")],
+                          capture_output=True, text=True, timeout=60)
+    assert keys.returncode == 0 and "client.key_secret" in keys.stdout
+    project.pipeline(toml(
+        f'name = "source"\nrun = "stages:numbers"\nparams = {{ count = {count} }}',
+        f'name = "relay"\nrun = "stages:relay"\naddress = "tcp://127.0.0.1:{relay}"',
+        'name = "sink"\nrun = "stages:record"',
+        extra=f'control = "tcp://127.0.0.1:{control}"\nkeys = "keys"'), SECURE_STAGES)
+    return control, relay
+
+
+def test_curve_keys_encrypt_and_keep_strangers_out(project):
+    """With keys, a peer without them (or with others) can neither inject nor connect."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import zmq
+    import zmq.auth
+
+    _, relay = secure_pipeline(project, 300)
+    ctx = zmq.Context()
+    strangers = []
+    # One stranger with no keys at all, one with a key pair of its own.
+    plain = ctx.socket(zmq.PUSH)
+    strangers.append(plain)
+    forged = ctx.socket(zmq.PUSH)
+    public, secret = zmq.auth.create_certificates(project.root, "stranger")
+    forged.curve_publickey, forged.curve_secretkey = zmq.auth.load_certificate(secret)
+    forged.curve_serverkey = zmq.auth.load_certificate(project.root / "keys" / "server.key")[0]
+    strangers.append(forged)
+    launcher = subprocess.Popen([sys.executable, "-m", "zpipe", "launch", str(project.toml)],
+                                cwd=project.root, stderr=subprocess.PIPE, text=True)
+    try:
+        for sock in strangers:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://127.0.0.1:{relay}")
+        sent = 0
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and launcher.poll() is None:
+            for sock in strangers:
+                try:
+                    sock.send(b"\x92\x01\x91\xa8injected", zmq.NOBLOCK)  # [1, ["injected"]]
+                    sent += 1
+                except zmq.Again:
+                    pass  # no handshake, no pipe: nothing can go through
+            time.sleep(0.01)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+        for sock in strangers:
+            sock.close()
+        ctx.term()
+    assert launcher.returncode == 0, err
+    assert json.loads(project.read("out.txt")) == list(range(300))
+    assert "stage 'relay' finished: 300 in, 300 out" in err
+    assert "malformed" not in err
+
+
+def test_curve_keys_missing_is_a_clear_error(project):
+    secure_pipeline(project, 1)
+    (project.root / "keys" / "client.key_secret").unlink()
+    result = project.run("validate", str(project.toml))
+    assert result.returncode == 2
+    assert "field 'keys'" in result.stderr and "lacks client.key_secret" in result.stderr

@@ -32,6 +32,7 @@ from . import shapes, worker
 from .config import Addresses, PipelineSpec, from_dict, plan_addresses
 from .errors import StageError
 from .processes import ForkedHandle, Processes, Threads
+from .security import stop_authenticator
 from .supervisor import Failure, Outcome, Supervisor
 
 log = logging.getLogger("zpipe")
@@ -258,6 +259,7 @@ class Execution:
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         if self.ctx is not None and not any(t.is_alive() for t in self.threads.threads.values()):
+            stop_authenticator(self.ctx)
             self.ctx.term()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from . import export as exporting
-from . import launcher, worker
+from . import launcher, security, worker
 from .config import apply_environment, load
 from .errors import ConfigError
 
@@ -120,3 +120,11 @@ def export_k8s(file: str, output: Any, image: str | None) -> None:
     except ConfigError as exc:
         _fail(exc)
     output.write(exporting.kubernetes(spec, file, image or f"zpipe-{spec.name}:latest"))
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+def keys(folder: str) -> None:
+    """Make the CurveZMQ key pairs a pipeline's `keys = "FOLDER"` names."""
+    for path in security.create_keys(folder):
+        click.echo(str(path))

@@ -23,7 +23,8 @@ RUN_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 TCP_RE = re.compile(r"tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)")
 
 REPLICA = "{replica}"
-PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout"}
+PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout",
+                 "keys"}
 STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered"}
 
 
@@ -58,6 +59,7 @@ class PipelineSpec:
     control: str | None = None
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     inactivity_timeout: float | None = None
+    keys: Path | None = None  # CurveZMQ keys folder (zpipe keys): encrypt and authenticate links
     base_dir: Path | None = None
     path: Path | None = None
 
@@ -126,6 +128,15 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
     control = pipeline.get("control")
     if control is not None:
         _check_tcp(control, f"{where}: [pipeline] control")
+    keys = pipeline.get("keys")
+    if keys is not None:
+        if not isinstance(keys, str):
+            raise ConfigError(f"{where}: [pipeline] field 'keys' must be a folder (got {keys!r})")
+        keys = (base_dir or Path.cwd()) / keys
+        missing = [n for n in ("server.key_secret", "client.key_secret") if not (keys / n).exists()]
+        if missing:
+            raise ConfigError(f"{where}: [pipeline] field 'keys': {keys} lacks {', '.join(missing)}"
+                              f" (make them with `zpipe keys {keys}`)")
 
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
@@ -142,7 +153,7 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
         stages.append(stage)
     check_order(stages, where)
     return PipelineSpec(name=name, stages=tuple(stages), hwm=hwm, grace=grace, control=control,
-                        startup_timeout=startup, inactivity_timeout=inactivity,
+                        startup_timeout=startup, inactivity_timeout=inactivity, keys=keys,
                         base_dir=base_dir, path=path)
 
 

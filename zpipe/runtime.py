@@ -26,6 +26,7 @@ from typing import Any, Callable
 import zmq
 
 from . import codec, protocol, transport
+from .security import Curve
 from .shapes import Body, Callee, Inputs
 
 log = logging.getLogger("zpipe")
@@ -67,6 +68,7 @@ class Wiring:
     number_outputs: bool = False   # the next stage is ordered: number what this one sends
     ordered: bool = False          # this stage is ordered: tag outputs with their input's number
     reorder: bool = False          # the previous stage is ordered: restore the order on arrival
+    keys: str | None = None        # CurveZMQ keys folder, when the pipeline has one
 
 
 class Control:
@@ -426,7 +428,8 @@ class Heartbeat(threading.Thread):
 
     def __init__(self, ctx: zmq.Context, address: str, identity: str,
                  counts: Callable[[], dict[str, int]], supervisor_timeout: float,
-                 on_lost: Callable[[], None], first_contact_timeout: float = 60.0):
+                 on_lost: Callable[[], None], first_contact_timeout: float = 60.0,
+                 curve: Curve | None = None):
         super().__init__(name=f"zpipe-heartbeat-{identity}", daemon=True)
         self.ctx = ctx
         self.address = address
@@ -434,11 +437,12 @@ class Heartbeat(threading.Thread):
         self.counts = counts
         self.supervisor_timeout = supervisor_timeout
         self.first_contact_timeout = first_contact_timeout
+        self.curve = curve
         self.on_lost = on_lost
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        sock = transport.dealer(self.ctx, self.address, f"{self.identity}/hb")
+        sock = transport.dealer(self.ctx, self.address, f"{self.identity}/hb", self.curve)
         last_ping, heard = time.monotonic(), False
         try:
             while not self.stopping.is_set():
@@ -491,7 +495,8 @@ class Replica:
 
     def run(self) -> int:
         sockets: list[zmq.Socket] = []
-        control_sock = transport.dealer(self.ctx, self.wiring.control, self.name)
+        curve = Curve(self.wiring.keys) if self.wiring.keys else None
+        control_sock = transport.dealer(self.ctx, self.wiring.control, self.name, curve)
         sockets.append(control_sock)
         control = self.control = Control(control_sock)
         status = 0
@@ -500,7 +505,7 @@ class Replica:
                          version=codec.PROTOCOL_VERSION)
             self.phase = "connect"
             if self.wiring.input is not None:
-                pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm)
+                pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm, curve)
                 sockets.append(pull)
                 self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm)
                 if self.wiring.reorder:
@@ -508,7 +513,7 @@ class Replica:
             push = None
             if self.wiring.downstream:
                 push = transport.push(self.ctx, self.wiring.downstream, self.wiring.downstream_hwm,
-                                      control.handle, self.wiring.connect_timeout)
+                                      control.handle, self.wiring.connect_timeout, curve)
                 sockets.append(push)
             self.outbox = Outbox(push, control, source=self.inbox is None,
                                  number_outputs=self.wiring.number_outputs,

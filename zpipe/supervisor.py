@@ -31,6 +31,7 @@ import zmq
 from . import protocol, transport
 from .codec import PROTOCOL_VERSION
 from .config import PipelineSpec
+from .security import Curve, stop_authenticator
 
 TICK_MS = 100
 ABORT_WAIT = 3.0      # after ABORT, how long before SIGTERM
@@ -145,7 +146,8 @@ class Supervisor:
         self.report = report
         self.grace = spec.grace if grace is None else grace
         self.ctx = ctx or zmq.Context.instance()
-        self.router = transport.router(self.ctx, control_address)
+        curve = Curve(spec.keys) if spec.keys else None
+        self.router = transport.router(self.ctx, control_address, curve)
         self.stages = [StageState(s.name, [ReplicaState(s.replica_name(i), s.name, i)
                                            for i in range(s.replicas)]) for s in spec.stages]
         self.replicas = {r.name: r for st in self.stages for r in st.replicas}
@@ -175,6 +177,7 @@ class Supervisor:
                 self._tick()
         finally:
             self.router.close(0)
+            stop_authenticator(self.ctx)
         if self.interrupted is not None:
             status = "interrupted"
         else:

@@ -12,6 +12,8 @@ from typing import Callable
 
 import zmq
 
+from .security import Curve
+
 # Nothing may hang at exit: a socket drops what it could not deliver after
 # this long. zpipe never relies on LINGER to deliver items: a replica exits
 # only once the supervisor has counted its outputs downstream.
@@ -27,9 +29,11 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int | None = None) -> zmq.Socket:
     return sock
 
 
-def pull(ctx: zmq.Context, address: str, hwm: int) -> zmq.Socket:
+def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None) -> zmq.Socket:
     """A stage replica's input, bound on its own address."""
     sock = _socket(ctx, zmq.PULL, hwm)
+    if curve is not None:
+        curve.server(ctx, sock)
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
@@ -39,7 +43,7 @@ def pull(ctx: zmq.Context, address: str, hwm: int) -> zmq.Socket:
 
 
 def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
-         on_idle: Callable[[], None], timeout: float) -> zmq.Socket:
+         on_idle: Callable[[], None], timeout: float, curve: Curve | None = None) -> zmq.Socket:
     """A stage replica's output, connected to every replica of the next stage.
 
     Returns only once a handshake with each of them has completed: this is what
@@ -48,6 +52,8 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
     may raise to give up; after ``timeout`` seconds TimeoutError is raised.
     """
     sock = _socket(ctx, zmq.PUSH, hwm)
+    if curve is not None:
+        curve.client(sock)
     # The monitor must watch before the first connect, or a fast handshake
     # could complete unseen.
     monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
@@ -78,15 +84,20 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
     return sock
 
 
-def dealer(ctx: zmq.Context, address: str, identity: str) -> zmq.Socket:
+def dealer(ctx: zmq.Context, address: str, identity: str,
+           curve: Curve | None = None) -> zmq.Socket:
     sock = _socket(ctx, zmq.DEALER)
+    if curve is not None:
+        curve.client(sock)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     sock.connect(address)
     return sock
 
 
-def router(ctx: zmq.Context, address: str) -> zmq.Socket:
+def router(ctx: zmq.Context, address: str, curve: Curve | None = None) -> zmq.Socket:
     sock = _socket(ctx, zmq.ROUTER)
+    if curve is not None:
+        curve.server(ctx, sock)
     sock.setsockopt(zmq.RCVHWM, 0)  # control traffic is small; never drop a report
     sock.setsockopt(zmq.SNDHWM, 0)
     try:

@@ -20,6 +20,7 @@ from . import shapes
 from .config import Addresses, PipelineSpec, StageSpec, plan_addresses
 from .errors import ConfigError
 from .runtime import Heartbeat, Replica, Wiring
+from .security import Curve, stop_authenticator
 
 ENV_RUNTIME_DIR = "ZPIPE_RUNTIME_DIR"
 ENV_PARENT_PID = "ZPIPE_PARENT_PID"
@@ -48,7 +49,7 @@ def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replic
                   downstream_hwm=downstream.hwm if downstream else 0,
                   connect_timeout=spec.startup_timeout,
                   number_outputs=reordering(downstream), ordered=reordering(stage),
-                  reorder=reordering(upstream))
+                  reorder=reordering(upstream), keys=str(spec.keys) if spec.keys else None)
 
 
 def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
@@ -97,7 +98,8 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
     timeout = supervisor_timeout
     heartbeat = Heartbeat(context, wiring.control, worker.name, worker.counts, timeout,
                           on_lost=lambda: _supervisor_lost(worker.name, timeout),
-                          first_contact_timeout=wiring.connect_timeout)
+                          first_contact_timeout=wiring.connect_timeout,
+                          curve=Curve(wiring.keys) if wiring.keys else None)
     heartbeat.start()
     try:
         return worker.run()
@@ -105,6 +107,7 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
         heartbeat.stop()
         heartbeat.join(HEARTBEAT_JOIN_TIMEOUT)
         if own:
+            stop_authenticator(context)
             context.term()
 
 
