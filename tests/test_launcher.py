@@ -404,3 +404,35 @@ def test_supervise_reports_a_replica_that_vanishes_and_stops_the_rest(project):
     assert re.search(r"stage 'relay' replica relay-0 \(pid \d+\) died without a word: no "
                      r"heartbeat for 5 s", err), err
     assert codes[1] == -signal.SIGKILL and all(c is not None for c in codes)
+
+
+SIZED = """
+def sized(sizes, repeat=1):
+    for _ in range(repeat):
+        for n in sizes:
+            yield "x" * n
+"""
+
+
+def test_max_message_size_refuses_an_oversized_item_by_name(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:sized"\nparams = { sizes = [10, 100, 5000, 10] }',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }\n'
+        'max_message_size = 1000'), STAGES + SIZED)
+    result = project.launch()
+    assert result.returncode == 1
+    assert re.search(r"stage 'source' replica source-0 failed while running: "
+                     r"zpipe.errors.EncodeError: an item of 500\d bytes is larger than stage "
+                     r"'sink' accepts \(max_message_size 1000\)", result.stderr), result.stderr
+
+
+def test_batches_stay_under_the_next_stages_max_message_size(project):
+    # 400 items of 300 bytes would share messages far above 1000 bytes, which
+    # ZeroMQ would refuse (dropping the connection); they must be split instead.
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:sized"\nparams = { sizes = [300], repeat = 400 }',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }\n'
+        'max_message_size = 1000'), STAGES + SIZED)
+    result = project.launch()
+    assert result.returncode == 0, result.stderr
+    assert len(project.lines("out.jsonl")) == 400

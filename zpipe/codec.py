@@ -89,6 +89,8 @@ class Batch:
         self.tags: list[Any] | None = None
         self.arrays: list[Any] = []   # frames 1.. of the message
         self.nbytes = 0
+        self.header_bytes = 0
+        self.marks: list[int] = []    # len(self.arrays) before each item
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -126,13 +128,35 @@ class Batch:
             raise EncodeError(f"cannot send an item of type {type(item).__name__}: it holds "
                               f"{exc}; zpipe sends {SUPPORTED}") from None
         self.encoded.append(data)
+        self.marks.append(arrays)
         self.nbytes += len(data)
+        self.header_bytes += len(data)
         if tag is not None:
             if self.tags is None:
                 self.tags = [None] * (len(self.encoded) - 1)
             self.tags.append(tag)
         elif self.tags is not None:
             self.tags.append(None)
+
+    def largest_frame(self) -> int:
+        return max([self.header_bytes + 16, *(len(a) for a in self.arrays)])
+
+    def pop(self) -> tuple[bytes, Any, list[Any]]:
+        """Take the last item back out: (its encoding, its tag, its array frames)."""
+        data, mark = self.encoded.pop(), self.marks.pop()
+        arrays, self.arrays = self.arrays[mark:], self.arrays[:mark]
+        tag = self.tags.pop() if self.tags is not None else None
+        self.nbytes -= len(data) + sum(len(a) for a in arrays)
+        self.header_bytes -= len(data)
+        return data, tag, arrays
+
+    def push(self, data: bytes, tag: Any, arrays: list[Any]) -> None:
+        """Put back what pop() took (into an empty batch, so array indices still hold)."""
+        assert not self.encoded
+        self.encoded, self.marks, self.arrays = [data], [0], list(arrays)
+        self.tags = None if tag is None else [tag]
+        self.header_bytes = len(data)
+        self.nbytes = len(data) + sum(len(a) for a in arrays)
 
     def frames(self) -> list[Any]:
         """The message's frames; the batch is empty again afterwards."""
@@ -144,6 +168,7 @@ class Batch:
             parts.append(pack(self.tags))
         frames = [b"".join(parts), *self.arrays]
         self.encoded, self.tags, self.arrays, self.nbytes = [], None, [], 0
+        self.header_bytes, self.marks = 0, []
         return frames
 
 

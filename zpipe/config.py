@@ -24,8 +24,9 @@ TCP_RE = re.compile(r"tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)")
 
 REPLICA = "{replica}"
 PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout",
-                 "keys"}
-STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered"}
+                 "keys", "max_message_size"}
+STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered",
+              "max_message_size"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class StageSpec:
     stream: bool | None = None
     address: str | None = None
     ordered: bool = False
+    max_message_size: int | None = None  # bytes per frame this stage accepts (ZMQ_MAXMSGSIZE)
     # The callable itself, for pipelines declared in Python (zpipe.Task);
     # ``run`` is then only a label.
     target: Any = field(default=None, compare=False, repr=False)
@@ -119,6 +121,9 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
         raise ConfigError(f"{where}: [pipeline] name is required and must use letters, digits, "
                           f"'-' and '_' (got {name!r})")
     hwm = _positive_int(pipeline, "hwm", DEFAULT_HWM, f"{where}: [pipeline]")
+    max_size = pipeline.get("max_message_size")
+    if max_size is not None:
+        max_size = _positive_int(pipeline, "max_message_size", 0, f"{where}: [pipeline]")
     grace = _positive_number(pipeline, "grace", DEFAULT_GRACE, f"{where}: [pipeline]")
     startup = _positive_number(pipeline, "startup_timeout", DEFAULT_STARTUP_TIMEOUT,
                                f"{where}: [pipeline]")
@@ -145,7 +150,7 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
     seen: set[str] = set()
     for position, raw in enumerate(raw_stages, start=1):
         target = targets[position - 1] if targets else None
-        stage = _stage(raw, position, hwm, where, target)
+        stage = _stage(raw, position, hwm, where, target, max_size)
         if stage.name in seen:
             raise ConfigError(f"{where}: stage {stage.name!r}: duplicate name "
                               f"(stage #{position} reuses it)")
@@ -177,7 +182,8 @@ def check_order(stages: list[StageSpec], where: str) -> None:
                               f"order again; give it one replica")
 
 
-def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any) -> StageSpec:
+def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any,
+           default_max_size: int | None = None) -> StageSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: stage #{position} must be a table ([[stages]])")
     name = raw.get("name")
@@ -200,6 +206,10 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any) -
     if stream is not None and not isinstance(stream, bool):
         raise ConfigError(f"{where}: {label}: field 'stream' must be true or false "
                           f"(got {stream!r})")
+    max_size = raw.get("max_message_size", default_max_size)
+    if max_size is not None:
+        max_size = _positive_int({"max_message_size": max_size}, "max_message_size", 0,
+                                 f"{where}: {label}")
     ordered = raw.get("ordered", False)
     if not isinstance(ordered, bool):
         raise ConfigError(f"{where}: {label}: field 'ordered' must be true or false "
@@ -211,7 +221,8 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any) -
             raise ConfigError(f"{where}: {label}: field 'address' is the address a stage "
                               f"receives on; the first stage receives nothing")
     return StageSpec(name=name, run=run, params=params, replicas=replicas, hwm=hwm,
-                     stream=stream, address=address, ordered=ordered, target=target)
+                     stream=stream, address=address, ordered=ordered, target=target,
+                     max_message_size=max_size)
 
 
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:

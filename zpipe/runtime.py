@@ -26,6 +26,7 @@ from typing import Any, Callable
 import zmq
 
 from . import codec, protocol, transport
+from .errors import EncodeError
 from .security import Curve
 from .shapes import Body, Callee, Inputs
 
@@ -69,6 +70,9 @@ class Wiring:
     ordered: bool = False          # this stage is ordered: tag outputs with their input's number
     reorder: bool = False          # the previous stage is ordered: restore the order on arrival
     keys: str | None = None        # CurveZMQ keys folder, when the pipeline has one
+    input_max_size: int | None = None       # bytes per frame, on this stage's input
+    downstream_max_size: int | None = None  # ... and on the next stage's
+    downstream_name: str = ""
 
 
 class Control:
@@ -277,6 +281,8 @@ class Outbox:
         self.oldest = 0.0                # when the batch's first output was added
         self.last_flush = 0.0
         self.flusher: Flusher | None = None
+        self.max_size: int | None = None
+        self.downstream = ""
         if sock is not None:
             self.poller = zmq.Poller()
             self.poller.register(sock, zmq.POLLOUT)
@@ -317,6 +323,8 @@ class Outbox:
                 batch = self.batch
                 empty = not batch.encoded
                 batch.add(item, tag)
+                if self.max_size is not None and batch.largest_frame() > self.max_size:
+                    self._respect_max_size(now)
                 if empty:
                     self.oldest = now
                 if (empty and now - self.last_flush > IDLE_GAP) or batch.arrays or \
@@ -329,6 +337,24 @@ class Outbox:
         self.control.check(now)
         if self.source and self.control.stopped:
             raise SourceStopped()
+
+    def _respect_max_size(self, now: float) -> None:
+        """The last item made a frame too big for the next stage: send it on its own, or fail."""
+        assert self.max_size is not None
+        last = self.batch.pop()
+        if self.batch.encoded:
+            self._flush_locked(now)
+        self.batch.push(*last)
+        if self.batch.largest_frame() > self.max_size:
+            self.batch.pop()
+            raise EncodeError(f"an item of {self.batch_size_of(last)} bytes is larger than "
+                              f"stage {self.downstream!r} accepts (max_message_size "
+                              f"{self.max_size})")
+
+    @staticmethod
+    def batch_size_of(last: tuple[bytes, Any, list[Any]]) -> int:
+        data, _, arrays = last
+        return len(data) + sum(len(a) for a in arrays)
 
     def flush(self) -> None:
         """Send what waits in the batch (main thread; blocks while downstream is full)."""
@@ -505,7 +531,8 @@ class Replica:
                          version=codec.PROTOCOL_VERSION)
             self.phase = "connect"
             if self.wiring.input is not None:
-                pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm, curve)
+                pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm, curve,
+                                      self.wiring.input_max_size)
                 sockets.append(pull)
                 self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm)
                 if self.wiring.reorder:
@@ -518,6 +545,8 @@ class Replica:
             self.outbox = Outbox(push, control, source=self.inbox is None,
                                  number_outputs=self.wiring.number_outputs,
                                  ordered_by=self.inbox if self.wiring.ordered else None)
+            self.outbox.max_size = self.wiring.downstream_max_size
+            self.outbox.downstream = self.wiring.downstream_name
             if self.inbox is not None:
                 self.inbox.before_idle = self.outbox.flush
             self.phase = "setup"

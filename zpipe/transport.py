@@ -29,9 +29,16 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int | None = None) -> zmq.Socket:
     return sock
 
 
-def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None) -> zmq.Socket:
-    """A stage replica's input, bound on its own address."""
+def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None,
+         max_size: int | None = None) -> zmq.Socket:
+    """A stage replica's input, bound on its own address.
+
+    ``max_size`` caps each frame (ZMQ_MAXMSGSIZE): ZeroMQ drops a peer that
+    sends more, so zpipe's own senders check it before sending.
+    """
     sock = _socket(ctx, zmq.PULL, hwm)
+    if max_size is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_size)
     if curve is not None:
         curve.server(ctx, sock)
     try:

@@ -49,7 +49,10 @@ def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replic
                   downstream_hwm=downstream.hwm if downstream else 0,
                   connect_timeout=spec.startup_timeout,
                   number_outputs=reordering(downstream), ordered=reordering(stage),
-                  reorder=reordering(upstream), keys=str(spec.keys) if spec.keys else None)
+                  reorder=reordering(upstream), keys=str(spec.keys) if spec.keys else None,
+                  input_max_size=stage.max_message_size,
+                  downstream_max_size=downstream.max_message_size if downstream else None,
+                  downstream_name=downstream.name if downstream else "")
 
 
 def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
