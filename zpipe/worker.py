@@ -109,9 +109,12 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
     finally:
         heartbeat.stop()
         heartbeat.join(HEARTBEAT_JOIN_TIMEOUT)
+        heartbeat.close()
         if own:
             stop_authenticator(context)
-            context.term()
+            # destroy, not term: a signal may have cut a cleanup short and left
+            # a socket open, and term would wait on it for ever.
+            context.destroy(linger=0)
 
 
 def forked_main(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
