@@ -270,7 +270,7 @@ class Body:
                 process = self.instance.process
                 items = inputs.batches() if self.instance.get_all else inputs
             else:
-                process = lambda item: target(item, **params)  # noqa: E731
+                process = (lambda item: target(item, **params)) if params else target  # noqa: E731
                 items = inputs
             flat = shape is Shape.FLATMAP
             for item in items:
