@@ -1,0 +1,255 @@
+"""Hand-written raw pyzmq references: what zpipe is measured against.
+
+Each node is its own process (`python -m bench.raw ROLE ...`), PUSH/PULL over ipc,
+SNDHWM/RCVHWM set, every node binds its input and connects its output; an empty
+frame ends the stream. A node that sends keeps its sockets open until its stdin
+closes (the driver closes it once the last node is done): libzmq may drop what
+is still queued when a PUSH socket closes at its high-water mark, whatever LINGER. The driver functions below start the nodes and return the
+sink's figures.
+
+Kinds of item on the wire:
+  small    a ~100-byte dict, msgpack-encoded and decoded at every hop
+  latency  the same with a monotonic timestamp; the source pauses between items
+  array    a float32 array as its own frame (copy=False) next to a msgpack header
+  mnp      the same array inside msgpack (msgpack-numpy)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import msgpack
+import zmq
+
+from .procs import Child, python_module, rss_mb
+
+END = b""
+
+
+# -- the nodes (run in their own processes) ------------------------------------
+
+def _socket(ctx: zmq.Context, kind: int, hwm: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.sndhwm = sock.rcvhwm = hwm
+    sock.linger = 5000
+    return sock
+
+
+# numpy and msgpack_numpy are imported only by the kinds that use them (see
+# bench/stages.py: the same holds for zpipe's stages).
+
+def _send(sock: zmq.Socket, kind: str, obj) -> None:
+    if kind == "array":
+        header = msgpack.packb({"dtype": obj.dtype.str, "shape": list(obj.shape)})
+        sock.send_multipart([header, obj], copy=False)
+    elif kind == "mnp":
+        import msgpack_numpy
+
+        sock.send(msgpack.packb(obj, default=msgpack_numpy.encode))
+    else:
+        sock.send(msgpack.packb(obj))
+
+
+def _recv(sock: zmq.Socket, kind: str):
+    """The next item, or None at the end of the stream."""
+    if kind == "array":
+        import numpy as np
+
+        frames = sock.recv_multipart(copy=False)
+        if len(frames) == 1 and len(frames[0]) == 0:
+            return None
+        header = msgpack.unpackb(frames[0].bytes)
+        return np.frombuffer(frames[1].buffer, dtype=header["dtype"]).reshape(header["shape"])
+    message = sock.recv()
+    if not message:
+        return None
+    if kind == "mnp":
+        import msgpack_numpy
+
+        return msgpack.unpackb(message, object_hook=msgpack_numpy.decode)
+    return msgpack.unpackb(message)
+
+
+def _items(args):
+    if args.kind == "small":
+        for i in range(args.count):
+            yield {"id": i, "payload": "x" * 60, "v": 1.5}
+    elif args.kind == "latency":
+        for i in range(args.count):
+            yield {"id": i, "t": time.monotonic_ns(), "payload": "x" * 60}
+            time.sleep(args.pause)
+    else:
+        import numpy as np
+
+        array = np.ones(args.nbytes // 4, dtype=np.float32)
+        for _ in range(args.count):
+            yield array
+
+
+def _hold() -> None:
+    """Keep the sockets open until the driver says the stream has arrived."""
+    sys.stdin.read()
+
+
+def _report(**fields) -> None:
+    print("BENCH " + json.dumps(fields), flush=True)
+
+
+def source(ctx, args) -> None:
+    push = _socket(ctx, zmq.PUSH, args.hwm)
+    push.connect(args.out)
+    print("READY", flush=True)
+    for item in _items(args):
+        _send(push, args.kind, item)
+    push.send(END)
+    _hold()
+
+
+def relay(ctx, args) -> None:
+    pull, push = _socket(ctx, zmq.PULL, args.hwm), _socket(ctx, zmq.PUSH, args.hwm)
+    pull.bind(args.inp)
+    push.connect(args.out)
+    print("READY", flush=True)
+    while (item := _recv(pull, args.kind)) is not None:
+        _send(push, args.kind, item)
+    push.send(END)
+    _hold()
+
+
+def sink(ctx, args) -> None:
+    pull = _socket(ctx, zmq.PULL, args.hwm)
+    pull.bind(args.inp)
+    print("READY", flush=True)
+    clock = time.perf_counter
+    count = nbytes = 0
+    first = last = None
+    latencies = []
+    while (item := _recv(pull, args.kind)) is not None:
+        last = clock()
+        if args.kind == "latency":
+            latencies.append(time.monotonic_ns() - item["t"])
+        elif hasattr(item, "nbytes"):  # a numpy array
+            nbytes += item.nbytes
+        if count == 0:
+            first = last
+        count += 1
+    seconds = (last - first) if count else 0.0
+    _report(count=count, nbytes=nbytes, seconds=seconds,
+            rate=(count - 1) / seconds if seconds > 0 else None,
+            latencies_ns=latencies[args.warmup:])
+
+
+def ping(ctx, args) -> None:
+    """Round trips through one relay, one item at a time."""
+    push, pull = _socket(ctx, zmq.PUSH, args.hwm), _socket(ctx, zmq.PULL, args.hwm)
+    pull.bind(args.inp)
+    push.connect(args.out)
+    print("READY", flush=True)
+    trips = []
+    for i in range(args.count):
+        start = time.monotonic_ns()
+        push.send(msgpack.packb({"id": i, "t": start, "payload": "x" * 60}))
+        msgpack.unpackb(pull.recv())
+        trips.append(time.monotonic_ns() - start)
+        time.sleep(args.pause)
+    push.send(END)
+    pull.recv()  # the relay sends the end back: everything has gone through
+    _report(count=len(trips), latencies_ns=trips[args.warmup:])
+
+
+ROLES = {"source": source, "relay": relay, "sink": sink, "ping": ping}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.raw", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", choices=sorted(ROLES))
+    parser.add_argument("--kind", choices=["small", "latency", "array", "mnp"], default="small")
+    parser.add_argument("--in", dest="inp")
+    parser.add_argument("--out")
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--hwm", type=int, default=1000)
+    parser.add_argument("--nbytes", type=int, default=10 * 2**20)
+    parser.add_argument("--pause", type=float, default=0.002)
+    parser.add_argument("--warmup", type=int, default=0)
+    args = parser.parse_args()
+    ctx = zmq.Context()
+    try:
+        ROLES[args.role](ctx, args)
+    finally:
+        ctx.destroy(linger=0)  # everything sent has arrived by now (see _hold)
+
+
+# -- the driver (runs in the bench process) -------------------------------------
+
+def _node(role: str, opts: list[str], **addresses: str) -> Child:
+    argv = python_module("bench.raw", role, *opts)
+    for key, value in addresses.items():
+        argv += [f"--{key}", value]
+    child = Child(argv, stdin_pipe=True)
+    child.wait_line("READY", timeout=30)
+    return child
+
+
+def _run(nodes_spec, opts: list[str], timeout: float) -> dict:
+    """Start the nodes in the order given (each after the previous is ready);
+    once the reporting node (the first) is done, let the others go; its result."""
+    children: list[Child] = []
+    try:
+        for role, addresses in nodes_spec:
+            children.append(_node(role, opts, **addresses))
+        deadline = time.monotonic() + timeout
+        for child in children:
+            status = child.wait(max(0.1, deadline - time.monotonic()))
+            if status != 0:
+                raise RuntimeError(f"raw {child.argv[3]} exited {status}:\n{child.tail()}")
+            if child is children[0]:
+                for other in children[1:]:
+                    other.popen.stdin.close()
+        return children[0].result()
+    finally:
+        for child in children:
+            child.__exit__(None, None, None)
+
+
+def _opts(kind: str, count: int, hwm: int = 1000, nbytes: int = 10 * 2**20,
+          pause: float = 0.002, warmup: int = 0) -> list[str]:
+    return ["--kind", kind, "--count", str(count), "--hwm", str(hwm), "--nbytes", str(nbytes),
+            "--pause", str(pause), "--warmup", str(warmup)]
+
+
+def chain(kind: str, count: int, relays: int, timeout: float = 120, **options) -> dict:
+    """source -> `relays` relay processes -> sink; the sink's figures."""
+    with tempfile.TemporaryDirectory(prefix="bench-raw-") as tmp:
+        hops = [f"ipc://{tmp}/hop{i}" for i in range(relays + 1)]
+        nodes = [("sink", {"in": hops[-1]})]
+        nodes += [("relay", {"in": hops[i], "out": hops[i + 1]}) for i in reversed(range(relays))]
+        nodes += [("source", {"out": hops[0]})]
+        result = _run(nodes, _opts(kind, count, **options), timeout)
+    if result["count"] != count:
+        raise RuntimeError(f"raw {kind} chain: {result['count']} items of {count} arrived")
+    return result
+
+
+def round_trip(count: int, pause: float, warmup: int, timeout: float = 60) -> dict:
+    """ping -> relay -> ping, one item at a time; the round-trip times."""
+    with tempfile.TemporaryDirectory(prefix="bench-raw-") as tmp:
+        there, back = f"ipc://{tmp}/there", f"ipc://{tmp}/back"
+        nodes = [("ping", {"in": back, "out": there}), ("relay", {"in": there, "out": back})]
+        return _run(nodes, _opts("latency", count, pause=pause, warmup=warmup), timeout)
+
+
+def idle_rss() -> float | None:
+    """RSS in MB of a raw relay process waiting for its first item."""
+    with tempfile.TemporaryDirectory(prefix="bench-raw-") as tmp:
+        with _node("relay", [], **{"in": f"ipc://{tmp}/a", "out": f"ipc://{tmp}/b"}) as child:
+            time.sleep(0.5)
+            return rss_mb(child.pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""The zpipe side of every scenario, through the public surface only: a
+pipeline.toml and a stage module written into a temporary folder, run with
+`zpipe launch FILE` as a user would; sinks print their figures (bench/stages.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .procs import Child, cmdline, descendants, python_module, rss_mb
+
+STAGES = Path(__file__).with_name("stages.py")
+MODULE = "bench_stages"
+TIMEOUT = 180.0  # seconds for any one launch; zpipe's own inactivity_timeout is 30 s
+
+
+def stage(name: str, function: str, **fields: Any) -> dict:
+    return {"name": name, "run": f"{MODULE}:{function}", **fields}
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    raise TypeError(value)
+
+
+def write_pipeline(folder: Path, name: str, stages: list[dict], hwm: int) -> Path:
+    shutil.copy(STAGES, folder / f"{MODULE}.py")
+    lines = ["[pipeline]", f"name = {_toml(name)}", f"hwm = {hwm}", "inactivity_timeout = 30", ""]
+    for spec in stages:
+        lines.append("[[stages]]")
+        lines += [f"{key} = {_toml(value)}" for key, value in spec.items()]
+        lines.append("")
+    path = folder / "pipeline.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def zpipe_command(*args: str) -> list[str]:
+    script = Path(sys.executable).with_name("zpipe")
+    return [str(script), *args] if script.exists() else python_module("zpipe", *args)
+
+
+@contextlib.contextmanager
+def launched(name: str, stages: list[dict], hwm: int = 100) -> Iterator[Child]:
+    """`zpipe launch` of a generated pipeline; the group is cleaned up on the way out."""
+    with tempfile.TemporaryDirectory(prefix="bench-zpipe-") as tmp:
+        path = write_pipeline(Path(tmp), name, stages, hwm)
+        with Child(zpipe_command("launch", str(path)), cwd=tmp) as child:
+            yield child
+
+
+def run_to_end(name: str, stages: list[dict], hwm: int = 100,
+               expect: int | None = None) -> tuple[dict, Child]:
+    """Launch, wait for the end; the sink's figures (checked: ``expect`` items arrived)."""
+    with launched(name, stages, hwm) as child:
+        status = child.wait(TIMEOUT)
+        if status != 0:
+            raise RuntimeError(f"zpipe launch {name} exited {status}:\n{child.tail(30)}")
+        result = child.result()
+        if expect is not None and result["count"] != expect:
+            raise RuntimeError(f"zpipe {name}: {result['count']} items of {expect} arrived")
+        return result, child
+
+
+def stage_pids(launcher: int) -> dict[str, int]:
+    """Stage name -> pid of each `zpipe stage FILE NAME` process under the launcher."""
+    found = {}
+    for pid in descendants(launcher):
+        argv = cmdline(pid)
+        if "stage" in argv and argv.index("stage") + 2 < len(argv):
+            found[argv[argv.index("stage") + 2]] = pid
+    return found
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- the scenarios ------------------------------------------------------------
+
+def small(count: int) -> dict:
+    """4 stages (source -> relay -> relay -> sink), ~100-byte dicts, hwm 1000."""
+    result, _ = run_to_end("small", [
+        stage("source", "small_source", params={"count": count}),
+        stage("relay1", "relay"), stage("relay2", "relay"),
+        stage("sink", "rate_sink", stream=True)], hwm=1000, expect=count)
+    return result
+
+
+def arrays(count: int, nbytes: int) -> dict:
+    result, _ = run_to_end("arrays", [
+        stage("source", "array_source", params={"count": count, "nbytes": nbytes}),
+        stage("relay", "relay"),
+        stage("sink", "rate_sink", stream=True)], hwm=4, expect=count)
+    return result
+
+
+def latency(count: int, pause: float, warmup: int) -> dict:
+    result, _ = run_to_end("latency", [
+        stage("source", "latency_source", params={"count": count, "pause": pause}),
+        stage("relay", "relay"),
+        stage("sink", "latency_sink", params={"warmup": warmup}, stream=True)], expect=count)
+    return result
+
+
+def startup(count: int, runs: int) -> dict:
+    """Launch start -> first item at the sink; last item -> launcher exit (medians)."""
+    firsts, exits = [], []
+    for _ in range(runs):
+        result, child = run_to_end("startup", [
+            stage("source", "small_source", params={"count": count}),
+            stage("relay1", "relay"), stage("relay2", "relay"),
+            stage("sink", "rate_sink", stream=True)], expect=count)
+        firsts.append(result["first_wall"] - child.started)
+        exits.append(child.ended - result["last_wall"])
+    return {"first_item_s": statistics.median(firsts), "exit_s": statistics.median(exits),
+            "runs": {"first_item_s": firsts, "exit_s": exits}}
+
+
+def replicas(count: int, spins: int, replicas: int) -> dict:
+    """Items/s from the source's start to the last item at the sink: end to end,
+    since items may reach the sink in bunches."""
+    result, child = run_to_end("replicas", [
+        stage("source", "announced_source", params={"count": count}),
+        stage("busy", "busy", params={"spins": spins}, replicas=replicas),
+        stage("sink", "rate_sink", stream=True)], expect=count)
+    start = next(r["t"] for r in child.results() if r.get("event") == "start")
+    return {**result, "rate": count / (result["last_wall"] - start)}
+
+
+def calibrate_spins(seconds: float = 0.002) -> int:
+    """Iterations of the busy loop in bench/stages.py that take ``seconds`` here
+    (the fastest of several trials: the least disturbed by other processes)."""
+    from .stages import busy
+
+    trial = 200_000
+    took = min(_timed(busy, trial) for _ in range(7))
+    return max(1, int(trial * seconds / took))
+
+
+def _timed(fn, spins: int) -> float:
+    start = time.perf_counter()
+    fn(None, spins)
+    return time.perf_counter() - start
+
+
+def idle_rss(wait: float) -> dict:
+    """VmRSS of every stage process while the source has not sent anything yet."""
+    with launched("idle", [
+            stage("source", "idle_source", params={"wait": wait, "count": 10}),
+            stage("relay1", "relay"), stage("relay2", "relay"),
+            stage("sink", "rate_sink", stream=True)]) as child:
+        child.wait_line('"event": "idle"', timeout=60)
+        time.sleep(min(0.5, wait / 3))
+        rss = {name: rss_mb(pid) for name, pid in stage_pids(child.pid).items()}
+        status = child.wait(TIMEOUT)
+        if status != 0 or not rss:
+            raise RuntimeError(f"idle run: status {status}, stages {rss}:\n{child.tail(30)}")
+    return {"stages_mb": rss}
+
+
+def backpressure_rss(count: int, nbytes: int, delay: float, hwm: int) -> dict:
+    """The relay's VmRSS, sampled every 50 ms, between a fast source and a slow sink."""
+    samples = []
+    with launched("backpressure", [
+            stage("source", "bytes_source", params={"count": count, "nbytes": nbytes}),
+            stage("relay", "relay"),
+            stage("sink", "slow_sink", params={"delay": delay}, stream=True)], hwm=hwm) as child:
+        child.wait_line('"event": "flow"', timeout=60)
+        pid = stage_pids(child.pid).get("relay")
+        deadline = time.monotonic() + TIMEOUT
+        while pid and child.popen.poll() is None and time.monotonic() < deadline:
+            mb = rss_mb(pid)
+            if mb is not None:
+                samples.append(mb)
+            time.sleep(0.05)
+        status = child.wait(10)
+        if status != 0 or not samples or child.result()["count"] != count:
+            raise RuntimeError(f"backpressure run: status {status}, {len(samples)} samples:\n"
+                               + child.tail(30))
+    return {"start_mb": samples[0], "max_mb": max(samples), "end_mb": samples[-1],
+            "samples": len(samples)}

@@ -1,0 +1,113 @@
+"""The zpipe stages of the benchmark pipelines.
+
+This file is copied next to each generated pipeline.toml (as bench_stages.py),
+so `zpipe launch` imports it like any user's stage module. Sinks print one
+line `BENCH {json}` that the bench parses from the launcher's output.
+numpy is imported only by the stage that needs it, so that it weighs on
+neither the start-up time nor the idle RSS of the other stages.
+"""
+
+import json
+import time
+from typing import Iterable
+
+
+def report(**fields):
+    print("BENCH " + json.dumps(fields), flush=True)
+
+
+def small_item(i):
+    """About 100 bytes once msgpacked (the same item as the raw reference)."""
+    return {"id": i, "payload": "x" * 60, "v": 1.5}
+
+
+# -- sources ------------------------------------------------------------------
+
+def small_source(count):
+    for i in range(count):
+        yield small_item(i)
+
+
+def announced_source(count):
+    """small_source that first reports when it starts (end-to-end timing)."""
+    report(event="start", t=time.time())
+    yield from small_source(count)
+
+
+def array_source(count, nbytes):
+    import numpy as np
+
+    array = np.ones(nbytes // 4, dtype=np.float32)
+    for _ in range(count):
+        yield array
+
+
+def latency_source(count, pause):
+    for i in range(count):
+        yield {"id": i, "t": time.monotonic_ns(), "payload": "x" * 60}
+        time.sleep(pause)
+
+
+def idle_source(wait, count):
+    report(event="idle", t=time.time())
+    time.sleep(wait)
+    for i in range(count):
+        yield small_item(i)
+
+
+def bytes_source(count, nbytes):
+    report(event="flow", t=time.time())
+    for _ in range(count):
+        yield bytes(nbytes)
+
+
+# -- middle stages ------------------------------------------------------------
+
+def relay(item):
+    return item
+
+
+def busy(item, spins):
+    """A pure-Python busy loop (spins is calibrated to ~2 ms by the bench)."""
+    x = 0
+    for k in range(spins):
+        x += k
+    return item
+
+
+# -- sinks --------------------------------------------------------------------
+
+def rate_sink(items: Iterable):
+    """Items/s and bytes/s from the first to the last item; wall times of both."""
+    clock = time.perf_counter
+    count = nbytes = 0
+    first = last = first_wall = None
+    writable = None
+    for item in items:
+        last = clock()
+        if count == 0:
+            first, first_wall = last, time.time()
+        count += 1
+        if hasattr(item, "nbytes"):  # a numpy array
+            nbytes += item.nbytes
+            if writable is None:
+                writable = bool(item.flags.writeable)
+    seconds = (last - first) if count else 0.0
+    report(count=count, nbytes=nbytes, seconds=seconds,
+           rate=(count - 1) / seconds if seconds > 0 else None,
+           first_wall=first_wall,
+           last_wall=first_wall + seconds if count else None,
+           writable=writable)
+
+
+def latency_sink(items: Iterable, warmup):
+    latencies = [time.monotonic_ns() - item["t"] for item in items]
+    report(count=len(latencies), latencies_ns=latencies[warmup:])
+
+
+def slow_sink(items: Iterable, delay):
+    count = 0
+    for _ in items:
+        time.sleep(delay)
+        count += 1
+    report(count=count)

@@ -1,0 +1,182 @@
+"""One function per scenario of issue 4: it runs zpipe and its references in the
+same run and returns rows of the table. Sizes come from SIZES[--quick or not];
+every throughput and latency figure, zpipe's and the references' alike, is the
+best of `repeat` runs (the machine is shared: the best run is the least disturbed)."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+from . import peers, raw, scenarios
+from .report import (Best, Row, bounded, failed, gbps, megabytes, micros, rate, seconds,
+                     versus)
+
+MB10 = 10 * 2**20
+
+SIZES = {
+    "full": dict(small=200_000, small_process=20_000, small_thread=100_000,
+                 arrays=100, arrays_mnp=50, arrays_shm=40,
+                 latency=1000, startup_runs=3, replicas=400, idle_wait=2.0,
+                 pressure_items=300, repeat=3),
+    "quick": dict(small=20_000, small_process=2_000, small_thread=10_000,
+                  arrays=20, arrays_mnp=10, arrays_shm=10,
+                  latency=200, startup_runs=1, replicas=200, idle_wait=1.0,
+                  pressure_items=60, repeat=1),
+}
+PAUSE = 0.002   # seconds between items in the latency scenario
+WARMUP = 20     # first latency samples left out
+
+
+def step(text: str) -> None:
+    print(f"bench: {text}", file=sys.stderr, flush=True)
+
+
+def best(n: dict, measure, lowest: bool = False) -> Best:
+    """The best of n["repeat"] runs of measure(): the highest, or the lowest."""
+    runs = [measure() for _ in range(n["repeat"])]
+    return Best(min(runs) if lowest else max(runs), runs)
+
+
+def _attempt(rows: list[Row], scenario: str, measure) -> None:
+    """Append measure()'s row(s); an exception becomes an ERROR row, not a crash."""
+    try:
+        made = measure()
+        rows.extend(made if isinstance(made, list) else [made])
+    except Exception as exc:  # noqa: BLE001 - one broken scenario must not hide the others
+        step(f"{scenario}: {type(exc).__name__}: {exc}")
+        rows.append(failed(scenario, exc))
+
+
+def small(n: dict) -> list[Row]:
+    rows: list[Row] = []
+    step(f"small messages: raw pyzmq chain, {n['small']:,} items")
+    reference = best(n, lambda: raw.chain("small", n["small"], relays=2)["rate"])
+    step(f"small messages: zpipe launch, 4 stages, {n['small']:,} items")
+    zpipe = best(n, lambda: scenarios.small(n["small"])["rate"])
+    rows.append(versus("small msgs, 4 stages vs raw pyzmq", zpipe, reference, rate,
+                       "(raw pyzmq)", ">=", 1.0))
+    step(f"small messages: pipeline-lib process mode, {n['small_process']:,} items")
+    _attempt(rows, "small msgs vs pipeline-lib process", lambda: versus(
+        "small msgs vs pipeline-lib process", zpipe,
+        best(n, lambda: peers.run("small", "process", n["small_process"])["rate"]), rate,
+        "(pipeline-lib process)", ">=", 25))
+    step(f"small messages: pipeline-lib thread mode, {n['small_thread']:,} items")
+    _attempt(rows, "small msgs vs pipeline-lib thread", lambda: versus(
+        "small msgs vs pipeline-lib thread", zpipe,
+        best(n, lambda: peers.run("small", "thread", n["small_thread"])["rate"]), rate,
+        "(pipeline-lib thread)"))
+    return rows
+
+
+def _gbps(result: dict) -> float:
+    # bytes from the first to the last item: count - 1 items' worth
+    per_item = result["nbytes"] / result["count"]
+    return (result["count"] - 1) * per_item / result["seconds"] / 1e9
+
+
+def arrays(n: dict) -> list[Row]:
+    rows: list[Row] = []
+    step(f"10 MB arrays: raw pyzmq frames copy=False, {n['arrays']} arrays")
+    reference = best(n, lambda: _gbps(raw.chain("array", n["arrays"], relays=1, hwm=4)))
+    step(f"10 MB arrays: zpipe launch, 3 stages, {n['arrays']} arrays")
+    results = [scenarios.arrays(n["arrays"], MB10) for _ in range(n["repeat"])]
+    zpipe = Best(max(_gbps(r) for r in results), [_gbps(r) for r in results])
+    row = versus("10 MB arrays vs raw frames", zpipe, reference, gbps,
+                 "(raw pyzmq, copy=False)", ">=", 0.9)
+    row.data["writable_at_sink"] = results[0].get("writable")
+    rows.append(row)
+    step(f"10 MB arrays: raw pyzmq msgpack-numpy, {n['arrays_mnp']} arrays")
+    _attempt(rows, "10 MB arrays vs raw msgpack-numpy", lambda: versus(
+        "10 MB arrays vs raw msgpack-numpy", zpipe,
+        best(n, lambda: _gbps(raw.chain("mnp", n["arrays_mnp"], relays=1, hwm=4))), gbps,
+        "(raw pyzmq, msgpack-numpy)"))
+    step(f"10 MB arrays: pipeline-lib shared memory, {n['arrays_shm']} arrays")
+    _attempt(rows, "10 MB arrays vs pipeline-lib shm", lambda: versus(
+        "10 MB arrays vs pipeline-lib shm", zpipe,
+        best(n, lambda: _gbps(peers.run("array", "process", n["arrays_shm"], shm=True,
+                                        in_flight=4))), gbps,
+        "(pipeline-lib process, shm)"))
+    return rows
+
+
+def _p50_us(result: dict) -> float:
+    return statistics.median(result["latencies_ns"]) / 1e3
+
+
+def latency(n: dict) -> list[Row]:
+    rows: list[Row] = []
+    count = n["latency"]
+    step(f"latency: raw pyzmq source -> relay -> sink, {count} items {PAUSE * 1e3:g} ms apart")
+    reference = best(n, lambda: _p50_us(raw.chain("latency", count, relays=1, pause=PAUSE,
+                                                   warmup=WARMUP)), lowest=True)
+    step(f"latency: zpipe launch, 3 stages, {count} items {PAUSE * 1e3:g} ms apart")
+    zpipe = best(n, lambda: _p50_us(scenarios.latency(count, PAUSE, WARMUP)), lowest=True)
+    rows.append(versus("latency p50, 2 hops one-way", zpipe, reference, micros,
+                       "(raw pyzmq)", "<=", 1.5))
+    step(f"latency: raw pyzmq round trip through one relay, {count} items")
+    _attempt(rows, "raw round trip, one relay", lambda: _round_trip(n))
+    return rows
+
+
+def _round_trip(n: dict) -> Row:
+    p50 = best(n, lambda: _p50_us(raw.round_trip(n["latency"], PAUSE, WARMUP)), lowest=True)
+    return Row("raw round trip, one relay", "-", f"{micros(p50)} (raw pyzmq p50)",
+               data={"reference": p50, "reference_runs": p50.runs})
+
+
+def startup(n: dict) -> list[Row]:
+    step(f"startup/shutdown: zpipe launch, 4 stages, {n['startup_runs']} run(s)")
+    result = scenarios.startup(count=1000, runs=n["startup_runs"])
+    rows = [bounded("launch -> first item at sink", result["first_item_s"], seconds, "<=", 1.0),
+            bounded("last item -> launcher exit", result["exit_s"], seconds, "<=", 0.5)]
+    for row, key in zip(rows, ("first_item_s", "exit_s")):
+        row.data["runs"] = result["runs"][key]
+    return rows
+
+
+def replicas(n: dict) -> list[Row]:
+    spins = scenarios.calibrate_spins(0.002)
+    step(f"replicas: zpipe busy stage ({spins:,} spins, ~2 ms here), {n['replicas']} items, "
+         f"replicas=1 then 2")
+    one = best(n, lambda: scenarios.replicas(n["replicas"], spins, 1)["rate"])
+    two = best(n, lambda: scenarios.replicas(n["replicas"], spins, 2)["rate"])
+    row = versus("CPU-bound stage, replicas=2 vs 1", two, one, rate, "(zpipe, replicas=1)",
+                 ">=", 1.8)
+    row.data.update(spins=spins, ms_per_item=1e3 / one)
+    return [row]
+
+
+def memory(n: dict) -> list[Row]:
+    rows: list[Row] = []
+    step("memory: idle stage processes of a 4-stage zpipe launch")
+    idle = scenarios.idle_rss(n["idle_wait"])["stages_mb"]
+    raw_idle = raw.idle_rss()
+    found = [v for v in idle.values() if v is not None]
+    row = versus("idle stage process RSS (max)", max(found), raw_idle, megabytes,
+                 "(raw pyzmq relay, idle)")
+    row.data["stages_mb"] = idle
+    rows.append(row)
+    step(f"memory: relay RSS under backpressure, {n['pressure_items']} x 1 MB, hwm 5, "
+         f"sink 10 ms/item")
+    result = scenarios.backpressure_rss(n["pressure_items"], 2**20, 0.01, hwm=5)
+    growth = result["max_mb"] - result["start_mb"]
+    rows.append(Row("relay RSS under backpressure", f"max {megabytes(result['max_mb'])}",
+                    f"start {megabytes(result['start_mb'])} (same relay)",
+                    f"+{growth:.1f} MB", "<= +50 MB", "PASS" if growth <= 50 else "FAIL",
+                    {**result, "growth_mb": growth}))
+    return rows
+
+
+SCENARIOS = {"small": small, "arrays": arrays, "latency": latency, "startup": startup,
+             "replicas": replicas, "memory": memory}
+
+
+def run(names: list[str], quick: bool, repeat: int | None = None) -> list[Row]:
+    sizes = dict(SIZES["quick" if quick else "full"])
+    if repeat:
+        sizes["repeat"] = repeat
+    rows: list[Row] = []
+    for name in names:
+        _attempt(rows, name, lambda: SCENARIOS[name](sizes))
+    return rows
