@@ -279,3 +279,98 @@ def test_curve_keys_missing_is_a_clear_error(project):
     result = project.run("validate", str(project.toml))
     assert result.returncode == 2
     assert "field 'keys'" in result.stderr and "lacks client.key_secret" in result.stderr
+
+
+class Wiretap:
+    """A TCP forwarder that keeps every byte it passes on: what an eavesdropper sees."""
+
+    def __init__(self, listen: int, target: int):
+        import socket
+        import threading
+        self.seen = bytearray()
+        self.server = socket.create_server(("127.0.0.1", listen))
+        self.target = target
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = None
+            for _ in range(200):  # the real peer may not be listening yet
+                try:
+                    upstream = socket.create_connection(("127.0.0.1", self.target))
+                    break
+                except OSError:
+                    threading.Event().wait(0.05)
+            if upstream is None:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, sink) -> None:
+        try:
+            while data := source.recv(65536):
+                self.seen += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize("with_keys", [True, False])
+def test_an_eavesdropper_reads_nothing_when_links_have_keys(project, with_keys):
+    """Items cross a wiretapped link: in clear without keys, unreadable with them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_launcher import free_ports, toml
+
+    control, real, tapped = free_ports(3)
+    if with_keys:
+        subprocess.run([sys.executable, "-m", "zpipe", "keys", str(project.root / "keys")],
+                       check=True, capture_output=True, timeout=60)
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:secrets"\nparams = { count = 50 }',
+        f'name = "sink"\nrun = "stages:record"\naddress = "tcp://127.0.0.1:{real}"',
+        extra=f'control = "tcp://127.0.0.1:{control}"' + ('\nkeys = "keys"' if with_keys else "")),
+        SECURE_STAGES + "\ndef secrets(count):\n"
+                        "    for i in range(count):\n"
+                        "        yield f'TOP-SECRET-{i}'\n")
+    tap = Wiretap(tapped, real)
+    zpipe_cmd = [sys.executable, "-m", "zpipe"]
+    # The source reaches the sink through the tap; the sink binds the real port.
+    via_tap = {**os.environ, "ZPIPE_ADDRESS_SINK": f"tcp://127.0.0.1:{tapped}"}
+    procs = [subprocess.Popen([*zpipe_cmd, "supervise", str(project.toml)], cwd=project.root,
+                              stderr=subprocess.PIPE, text=True),
+             subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), "source"],
+                              cwd=project.root, env=via_tap),
+             subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), "sink"], cwd=project.root)]
+    try:
+        _, err = procs[0].communicate(timeout=60)
+        for p in procs[1:]:
+            p.wait(30)
+    finally:
+        for p in procs:
+            p.kill()
+        tap.close()
+    assert procs[0].returncode == 0, err
+    assert json.loads(project.read("out.txt")) == [f"TOP-SECRET-{i}" for i in range(50)]
+    assert len(tap.seen) > 0
+    assert (b"TOP-SECRET" in tap.seen) is (not with_keys)
