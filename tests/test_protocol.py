@@ -172,18 +172,18 @@ def test_malformed_messages_are_counted_logged_and_dropped(project):
                                 cwd=project.root, stderr=subprocess.PIPE, text=True)
     ctx = zmq.Context()
     rogue = ctx.socket(zmq.PUSH)
-    rogue.setsockopt(zmq.LINGER, 2000)
+    rogue.setsockopt(zmq.LINGER, 30000)
     try:
         rogue.connect(f"tcp://127.0.0.1:{relay}")
         for junk in ([b"\xc1garbage"], [b"\x92\x07\x90"], [b"\x92\x01\x91\xc7\x05\x01abcde"],
                      [b"not msgpack", b"extra frame"]):
             rogue.send_multipart(junk)
         rogue.close()
+        ctx.term()  # returns once the garbage is delivered (the relay may still be starting)
         (project.root / "garbage-sent").touch()
         _, err = launcher.communicate(timeout=60)
     finally:
         launcher.kill()
-        ctx.term()
     assert launcher.returncode == 0, err
     assert json.loads(project.read("out.txt")) == list(range(500))
     assert "stage 'relay' dropped a malformed message (4 so far)" in err
