@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from zpipe import codec
-from zpipe.runtime import Reorder
+from zpipe.inbox import Reorder
 
 from test_launcher import toml
 

@@ -1,0 +1,83 @@
+"""A replica's end of the control channel, and the two commands that unwind it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import zmq
+
+from . import protocol
+
+log = logging.getLogger("zpipe")
+
+CONTROL_CHECK = 0.02  # while busy, look for commands (ABORT, STOP) this often
+
+
+# Both are BaseExceptions, like GeneratorExit: they pass through user code
+# (a stream function iterating its inputs) even where it catches Exception.
+class Aborted(BaseException):
+    """The supervisor said ABORT: stop at once, without handing anything on."""
+
+
+class SourceStopped(BaseException):
+    """The supervisor said STOP to a source: end production after the item just sent."""
+
+
+class Control:
+    """The replica's end of the control channel (a DEALER to the supervisor's ROUTER)."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.started = False
+        self.draining = False
+        self.stopped = False
+        self.exit = False
+        self.next_check = 0.0
+
+    def send(self, kind: str, **fields: Any) -> None:
+        self.sock.send(protocol.pack(kind, **fields))
+
+    def pending(self) -> bool:
+        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def check(self, now: float) -> None:
+        """Handle waiting commands, at most every CONTROL_CHECK seconds (a busy replica's poll)."""
+        if now >= self.next_check:
+            self.next_check = now + CONTROL_CHECK
+            if self.pending():
+                self.handle()
+
+    def handle(self) -> None:
+        """Apply every waiting command; ABORT raises Aborted."""
+        while self.pending():
+            try:
+                kind, fields = protocol.unpack(self.sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except ValueError as exc:
+                log.warning("ignored a control message: %s", exc)
+                continue
+            if kind == protocol.START:
+                self.started = True
+            elif kind == protocol.DRAIN:
+                self.draining = True
+            elif kind == protocol.STOP:
+                self.stopped = True
+            elif kind == protocol.EXIT:
+                self.exit = True
+            elif kind == protocol.ABORT:
+                raise Aborted(fields.get("reason", "aborted"))
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Handle commands until ``condition()`` holds; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.handle()
+            if condition():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            self.sock.poll(100 if deadline is None else
+                           max(1, min(100, int((deadline - time.monotonic()) * 1000))))

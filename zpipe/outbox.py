@@ -1,0 +1,237 @@
+"""A replica's output: items batched onto its PUSH socket, never dropped.
+
+Small items travel several to a message when a link is busy. An output that
+follows the previous flush by more than IDLE_GAP leaves at once (no latency
+on an idle link); otherwise it waits at most BATCH_WAIT for others to join it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from . import codec
+from .control import Control, SourceStopped
+from .errors import EncodeError
+from .inbox import IDLE_POLL_MS, Inbox
+
+BATCH_ITEMS = 1000
+# ZeroMQ spreads messages, not items, over replicas: into a replicated stage,
+# small batches keep the work spread evenly.
+BATCH_ITEMS_REPLICATED = 4
+BATCH_BYTES = 256 * 1024
+BATCH_WAIT = 0.001
+# While the stage is busy in user code, a waiting batch leaves within this;
+# a shorter period costs a busy stage more thread wake-ups than it saves.
+FLUSHER_PERIOD = 0.005
+IDLE_GAP = 0.0002
+
+
+
+_NOTHING = object()
+
+
+class Outbox:
+    """Encodes and sends a replica's outputs, blocking (never dropping) when downstream is full.
+
+    Outputs are packed into a batch as they come (see BATCH_*); the batch
+    leaves when it is full, when it holds an array or many bytes, when its
+    oldest output has waited BATCH_WAIT, or when the replica is about to wait
+    for input. While the main thread is busy in user code, a Flusher thread
+    sends a batch whose time is up; a lock hands the socket between the two.
+    """
+
+    def __init__(self, sock: zmq.Socket | None, control: Control, source: bool,
+                 number_outputs: bool = False, ordered_by: Inbox | None = None):
+        self.sock = sock
+        self.control = control
+        self.source = source
+        self.sent = 0
+        self.markers = 0
+        self.number_outputs = number_outputs
+        self.numbered = 0
+        self.ordered_by = ordered_by     # an ordered stage's inbox: outputs take its numbers
+        self.pending: Any = _NOTHING     # an ordered stage's output, held until the next one
+        self.plain = not number_outputs and ordered_by is None  # the usual case, checked first
+        self.batch = codec.Batch()
+        self.lock = threading.Lock()
+        self.oldest = 0.0                # when the batch's first output was added
+        self.last_flush = 0.0
+        self.flusher: Flusher | None = None
+        self.max_size: int | None = None
+        self.downstream = ""
+        self.batch_items = BATCH_ITEMS
+        if sock is not None:
+            self.poller = zmq.Poller()
+            self.poller.register(sock, zmq.POLLOUT)
+            self.poller.register(control.sock, zmq.POLLIN)
+            self.flusher = Flusher(self)
+            self.flusher.start()
+
+    def send(self, item: Any) -> None:
+        if self.plain:
+            return self._emit(item, None)
+        if self.ordered_by is not None:
+            # Held back one output so that the last one of each input can carry LAST.
+            if self.pending is not _NOTHING:
+                self._emit(self.pending, [self.ordered_by.seq, 0])
+            self.pending = item
+            return
+        if self.number_outputs:
+            tag, self.numbered = [self.numbered, codec.TAG_LAST], self.numbered + 1
+            self._emit(item, tag)
+        else:
+            self._emit(item, None)
+
+    def end_input(self) -> None:
+        """An ordered stage has handled one input completely: close its outputs."""
+        assert self.ordered_by is not None
+        seq = self.ordered_by.seq
+        if self.pending is _NOTHING:
+            self.markers += 1
+            self._emit(None, [seq, codec.TAG_LAST | codec.TAG_MARKER])
+        else:
+            item, self.pending = self.pending, _NOTHING
+            self._emit(item, [seq, codec.TAG_LAST])
+
+    def _emit(self, item: Any, tag: Any) -> None:
+        now = time.monotonic()
+        if self.sock is None:
+            self.sent += 1
+        else:
+            with self.lock:
+                batch = self.batch
+                empty = not batch.encoded
+                batch.add(item, tag)
+                if self.max_size is not None and batch.largest_frame() > self.max_size:
+                    self._respect_max_size(now)
+                if empty:
+                    self.oldest = now
+                if (empty and now - self.last_flush > IDLE_GAP) or batch.arrays or \
+                        len(batch.encoded) >= self.batch_items or batch.nbytes >= BATCH_BYTES or \
+                        now - self.oldest >= BATCH_WAIT:
+                    self._flush_locked(now)
+                elif empty and self.flusher is not None and self.flusher.idle:
+                    self.flusher.idle = False
+                    self.flusher.armed.set()
+        self.control.check(now)
+        if self.source and self.control.stopped:
+            raise SourceStopped()
+
+    def _respect_max_size(self, now: float) -> None:
+        """The last item made a frame too big for the next stage: send it on its own, or fail."""
+        assert self.max_size is not None
+        last = self.batch.pop()
+        if self.batch.encoded:
+            self._flush_locked(now)
+        self.batch.push(*last)
+        if self.batch.largest_frame() > self.max_size:
+            self.batch.pop()
+            raise EncodeError(f"an item of {self.batch_size_of(last)} bytes is larger than "
+                              f"stage {self.downstream!r} accepts (max_message_size "
+                              f"{self.max_size})")
+
+    @staticmethod
+    def batch_size_of(last: tuple[bytes, Any, list[Any]]) -> int:
+        data, _, arrays = last
+        return len(data) + sum(len(a) for a in arrays)
+
+    def flush(self) -> None:
+        """Send what waits in the batch (main thread; blocks while downstream is full)."""
+        if self.sock is not None and self.batch:
+            with self.lock:
+                if self.batch:
+                    self._flush_locked(time.monotonic())
+
+    def _flush_locked(self, now: float) -> None:
+        count = len(self.batch)
+        frames = self.batch.frames()
+        assert self.sock is not None
+        try:
+            _send(self.sock, frames)
+        except zmq.Again:
+            self._send_blocking(frames)
+        self.sent += count
+        self.last_flush = now
+
+    def flush_if_due(self) -> bool:
+        """From the Flusher: send the batch if its time is up and the socket takes it now.
+
+        Returns whether a batch still waits (the Flusher then looks again later).
+        """
+        if not self.lock.acquire(blocking=False):
+            return True  # the main thread is sending: look again later
+        try:
+            assert self.sock is not None and self.flusher is not None
+            now = time.monotonic()
+            if self.batch.encoded and now - self.oldest >= BATCH_WAIT and \
+                    self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+                count = len(self.batch)
+                _send(self.sock, self.batch.frames())
+                self.sent += count
+                self.last_flush = now
+            if not self.batch.encoded:
+                # Decided under the lock, so that _emit sees it and re-arms.
+                self.flusher.idle = True
+                return False
+            return True
+        finally:
+            self.lock.release()
+
+    def close(self) -> None:
+        if self.flusher is not None:
+            self.flusher.stop()
+
+    def _send_blocking(self, frames: list[Any]) -> None:
+        assert self.sock is not None
+        while True:
+            events = dict(self.poller.poll(IDLE_POLL_MS))
+            if self.control.sock in events:
+                self.control.handle()
+            if self.sock in events:
+                try:
+                    _send(self.sock, frames)
+                    return
+                except zmq.Again:
+                    continue
+
+
+def _send(sock: zmq.Socket, frames: list[Any]) -> None:
+    """Send without blocking (zmq.Again if full); arrays without a copy, small headers copied
+    (a copy is cheaper than tracking a zero-copy frame for a few hundred bytes)."""
+    if len(frames) == 1:
+        sock.send(frames[0], zmq.NOBLOCK)
+    else:
+        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+
+
+class Flusher(threading.Thread):
+    """Sends an outbox's batch that has waited BATCH_WAIT, looking every FLUSHER_PERIOD.
+
+    It sleeps on ``armed`` while no batch waits; the outbox sets it when a
+    batch starts and the Flusher is idle (both under the outbox's lock).
+    """
+
+    def __init__(self, outbox: Outbox):
+        super().__init__(name="zpipe-flusher", daemon=True)
+        self.outbox = outbox
+        self.armed = threading.Event()
+        self.idle = True
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping:
+            self.armed.wait()
+            self.armed.clear()
+            while not self.stopping:
+                time.sleep(FLUSHER_PERIOD)
+                if not self.outbox.flush_if_due():
+                    break
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.armed.set()
+        self.join(5)
