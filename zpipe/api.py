@@ -33,7 +33,7 @@ from .config import Addresses, PipelineSpec, from_dict, plan_addresses
 from .errors import StageError
 from .processes import ForkedHandle, Processes, Threads
 from .security import stop_authenticator
-from .supervisor import Failure, Outcome, Supervisor
+from .supervisor import Failure, Outcome, Supervisor, signals_stop
 
 log = logging.getLogger("zpipe")
 
@@ -118,16 +118,11 @@ def run(tasks: Sequence[Task] | PipelineSpec, mode: str = "process", hwm: int | 
         spec = spec_from_tasks(tasks, name, hwm, inactivity_timeout, grace)
     callees = shapes.resolve_spec(spec)
     execution = Execution(spec, callees, mode)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGINT,
-                                 lambda signum, frame: execution.request_stop(signum))
     try:
-        execution.start()
-        outcome = execution.supervise()
+        with signals_stop(execution.request_stop, (signal.SIGINT,)):
+            execution.start()
+            outcome = execution.supervise()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
         execution.close()
     if outcome.status == "interrupted":
         raise KeyboardInterrupt

@@ -101,11 +101,15 @@ def export() -> None:
 @click.option("--image", default=None, help="Image every service runs (default: zpipe-NAME).")
 def export_compose(file: str, output: Any, image: str | None) -> None:
     """A docker-compose.yml running each replica of FILE as its own service."""
+    _export(exporting.compose, file, output, image)
+
+
+def _export(render: Any, file: str, output: Any, image: str | None) -> None:
     try:
         spec = load(file)
     except ConfigError as exc:
         _fail(exc)
-    output.write(exporting.compose(spec, file, image or f"zpipe-{spec.name}:latest"))
+    output.write(render(spec, file, image or f"zpipe-{spec.name}:latest"))
 
 
 @export.command("k8s")
@@ -115,11 +119,7 @@ def export_compose(file: str, output: Any, image: str | None) -> None:
 @click.option("--image", default=None, help="Image every pod runs (default: zpipe-NAME).")
 def export_k8s(file: str, output: Any, image: str | None) -> None:
     """Kubernetes manifests: a headless Service and a StatefulSet per stage."""
-    try:
-        spec = load(file)
-    except ConfigError as exc:
-        _fail(exc)
-    output.write(exporting.kubernetes(spec, file, image or f"zpipe-{spec.name}:latest"))
+    _export(exporting.kubernetes, file, output, image)
 
 
 @main.command()

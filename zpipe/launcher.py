@@ -8,10 +8,10 @@ prefixed with its replica name, as `docker compose up` does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +24,7 @@ from .config import PipelineSpec, apply_environment, load, plan_addresses
 from .errors import ConfigError
 from .processes import Processes, Remote
 from .shapes import Callee
-from .supervisor import Outcome, Supervisor
+from .supervisor import Outcome, Supervisor, signals_stop
 from .worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
 
 
@@ -105,11 +105,11 @@ def launch(path: str | Path, grace: float | None = None,
     runtime_dir = tempfile.mkdtemp(prefix=f"zpipe-{spec.name}-")
     workers = Processes()
     pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer)
-    previous: dict[int, object] = {}
+    stop_on_signals = contextlib.ExitStack()
     try:
         addresses = plan_addresses(spec, runtime_dir)
         supervisor = Supervisor(spec, addresses.control, workers, report, grace=grace)
-        previous = _stop_on_signals(supervisor)
+        stop_on_signals.enter_context(signals_stop(supervisor.request_stop))
         env = {**os.environ, ENV_RUNTIME_DIR: runtime_dir, ENV_PARENT_PID: str(os.getpid()),
                "PYTHONUNBUFFERED": "1"}
         for stage in spec.stages:
@@ -126,8 +126,7 @@ def launch(path: str | Path, grace: float | None = None,
         workers.reap()
         if pump.is_alive():
             pump.join(1.0)  # a grandchild may hold a pipe open: do not wait on it
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+        stop_on_signals.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
 
 
@@ -141,27 +140,13 @@ def supervise(path: str | Path, grace: float | None = None,
                           f"later stage's address (or ZPIPE_CONTROL, ZPIPE_ADDRESS_<STAGE>)")
     report = report or _print_report
     supervisor = Supervisor(spec, spec.control, Remote(), report, grace=grace)
-    previous = _stop_on_signals(supervisor)
-    try:
+    with signals_stop(supervisor.request_stop):
         report(f"{spec.name}: supervisor at {spec.control}, waiting for "
                f"{sum(s.replicas for s in spec.stages)} replicas")
         outcome = supervisor.run()
-        report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
-        return outcome
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)  # type: ignore[arg-type]
+    report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
+    return outcome
 
 
 def _print_report(text: str) -> None:
     print(f"zpipe: {text}", file=sys.stderr, flush=True)
-
-
-def _stop_on_signals(supervisor: Supervisor) -> dict[int, object]:
-    """Ctrl-C and SIGTERM become the supervisor's ordered stop; returns the old handlers."""
-    previous: dict[int, object] = {}
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(
-                signum, lambda sig, frame: supervisor.request_stop(sig))
-    return previous

@@ -11,15 +11,9 @@ import os
 import signal
 import subprocess
 import threading
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 REAP_TIMEOUT = 5.0
-
-
-class Handle(Protocol):
-    pid: int | None
-
-    def poll(self) -> int | None: ...
 
 
 class ForkedHandle:

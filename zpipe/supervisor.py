@@ -21,10 +21,12 @@ pipeline through these steps (message names from protocol.py):
 
 from __future__ import annotations
 
+import contextlib
 import signal as signals
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import zmq
 
@@ -449,3 +451,19 @@ def describe_status(status: int) -> str:
             name = "unknown signal"
         return f"killed by signal {-status} ({name})"
     return f"exited with status {status}"
+
+
+@contextlib.contextmanager
+def signals_stop(request_stop: Callable[[int], None],
+                 signums: tuple[int, ...] = (signals.SIGINT, signals.SIGTERM)) -> Iterator[None]:
+    """While inside, these signals call ``request_stop`` (the ordered stop) instead of
+    their usual handlers; only the main thread can take signals, elsewhere this does nothing."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in signums:
+            previous[signum] = signals.signal(signum, lambda sig, frame: request_stop(sig))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signals.signal(signum, handler)
