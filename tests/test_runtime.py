@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
+
+import pytest
+import zmq
 
 from zpipe import codec
-from zpipe.inbox import Reorder
+from zpipe.control import Control
+from zpipe.errors import EncodeError
+from zpipe.inbox import Inbox, Reorder
+from zpipe.outbox import Outbox
 
 from test_launcher import toml
 
@@ -97,7 +104,9 @@ def test_batch_packs_items_with_their_arrays_and_tags():
     batch.add("plain", [1, codec.TAG_LAST])
     batch.add([np.ones((2, 2)), np.zeros(0)], [2, codec.TAG_LAST])
     frames = batch.frames()
-    assert len(frames) == 4 and not batch.encoded
+    assert len(frames) == 4 and len(batch) == 3
+    batch.clear()
+    assert not batch.encoded and not batch.arrays and batch.nbytes == 0
     items, tags = codec.decode_tagged([bytes(f) for f in frames])
     assert items[0]["a"].tolist() == [0, 1, 2] and items[1] == "plain"
     assert items[2][0].tolist() == [[1, 1], [1, 1]] and items[2][1].size == 0
@@ -118,3 +127,80 @@ def test_batch_rejects_a_bad_item_and_keeps_the_rest():
     items = codec.decode([bytes(f) for f in batch.frames()])
     assert items[0].tolist() == [0, 1] and items[1] == 7 and len(items) == 2
     assert json.dumps(items[1]) == "7"
+
+
+def test_an_item_alone_carries_its_arrays_and_a_bad_one_leaves_the_batch_usable():
+    import numpy as np
+    batch = codec.Batch()
+    frames = batch.alone({"a": np.arange(3), "b": [np.ones(2), "x"]})
+    assert len(frames) == 3 and not batch.encoded and not batch.arrays and not batch.fresh
+    item = codec.decode([bytes(f) for f in frames])[0]
+    assert item["a"].tolist() == [0, 1, 2] and item["b"][0].tolist() == [1, 1]
+    with pytest.raises(EncodeError, match="type dict.*set"):
+        batch.alone({"ok": np.arange(2), "bad": {1}})
+    assert not batch.fresh and not batch.arrays
+    assert codec.decode(batch.alone(5)) == [5]
+
+
+@pytest.fixture
+def link():
+    """A PUSH -> PULL link over inproc with a high-water mark of one message
+    each way, and a control DEALER with nobody behind it."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 1)
+    pull.bind("inproc://link")
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 1)
+    push.connect("inproc://link")
+    control = ctx.socket(zmq.DEALER)
+    control.connect("inproc://nobody")
+    yield push, pull, Control(control)
+    ctx.destroy(linger=0)
+
+
+def _receive_until(pull: zmq.Socket, count: int, timeout: float = 10.0) -> list:
+    items, deadline = [], time.monotonic() + timeout
+    while len(items) < count and time.monotonic() < deadline:
+        if pull.poll(100):
+            items += codec.decode(pull.recv_multipart())
+    return items
+
+
+def test_the_flusher_keeps_a_batch_while_downstream_is_full(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        # Fill the link (the first item leaves alone), then leave a batch
+        # for the flusher: its sends fail while the link is full.
+        sent = 0
+        while push.poll(0, zmq.POLLOUT):
+            outbox.send(sent)
+            sent += 1
+            outbox.flush()
+        outbox.send(sent)
+        outbox.send(sent + 1)
+        time.sleep(0.05)  # several flusher periods against a full link
+        assert outbox.flusher is not None and outbox.flusher.is_alive()
+        assert _receive_until(pull, sent + 2) == list(range(sent + 2))
+    finally:
+        outbox.close()
+
+
+def test_inbox_iteration_and_next_share_one_input():
+    # A stream function may take items both ways: `for a in items: b = next(items)`.
+    ctx = zmq.Context()
+    try:
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind("inproc://pairs")
+        push.connect("inproc://pairs")
+        control = ctx.socket(zmq.DEALER)
+        control.connect("inproc://nobody")
+        for i in range(0, 6, 2):
+            push.send_multipart(codec.encode([i, i + 1]))
+        inbox = Inbox(pull, Control(control), "pairs", 10)
+        inbox.control.stopped = True  # the input ends once it is empty
+        assert [[a, next(inbox)] for a in inbox] == [[0, 1], [2, 3], [4, 5]]
+        assert inbox.received == 6 and list(inbox) == []
+    finally:
+        ctx.destroy(linger=0)

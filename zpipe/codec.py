@@ -16,7 +16,8 @@ received buffer). Tuples arrive as lists, as msgpack has no tuple.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import msgpack
 
@@ -79,21 +80,28 @@ class Batch:
     """One data message under construction: items are packed one by one as they come.
 
     Packing each item when it is added makes an unsendable item fail in the
-    stage that produced it, at that item; the message is then assembled in
-    ``frames()`` with one join.
+    stage that produced it, at that item, and freezes the item as it was
+    (a source may reuse and mutate one object); the message is then
+    assembled in ``frames()`` with one join. ``add`` is on every stage's hot
+    path, so it does no more than pack, append and count.
     """
 
     def __init__(self) -> None:
         self.packer = msgpack.Packer(default=self._default, use_bin_type=True)
+        self._pack = self.packer.pack
         self.encoded: list[bytes] = []
         self.tags: list[Any] | None = None
         self.arrays: list[Any] = []   # frames 1.. of the message
-        self.nbytes = 0
-        self.header_bytes = 0
-        self.marks: list[int] = []    # len(self.arrays) before each item
+        self.fresh: list[Any] = []    # arrays of the item being packed, until it succeeds
+        self.header_bytes = 0         # the items' encodings, without their arrays
+        self.array_bytes = 0
 
     def __len__(self) -> int:
         return len(self.encoded)
+
+    @property
+    def nbytes(self) -> int:
+        return self.header_bytes + self.array_bytes
 
     def _default(self, obj: Any) -> Any:
         module = type(obj).__module__
@@ -104,10 +112,10 @@ class Batch:
                 # As flat bytes, so that every dtype (datetime, structured, ...)
                 # exposes a plain buffer; C order, copying only if not already.
                 raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8) if obj.size else b""
-                self.arrays.append(raw)
-                self.nbytes += len(raw)
+                self.fresh.append(raw)
                 return msgpack.ExtType(EXT_ARRAY, msgpack.packb(
-                    [len(self.arrays), dtype, list(obj.shape)], use_bin_type=True))
+                    [len(self.arrays) + len(self.fresh), dtype, list(obj.shape)],
+                    use_bin_type=True))
             if isinstance(obj, np.generic):
                 return msgpack.ExtType(EXT_SCALAR, msgpack.packb(
                     [_dtype_to_wire(obj.dtype), obj.tobytes()], use_bin_type=True))
@@ -118,58 +126,86 @@ class Batch:
 
     def add(self, item: Any, tag: Any = None) -> None:
         """Pack one item (with its tag on numbered links); raises EncodeError naming the type."""
-        arrays, nbytes = len(self.arrays), self.nbytes
         try:
-            data = self.packer.pack(item)
+            data = self._pack(item)
         except (TypeError, ValueError, OverflowError) as exc:
-            del self.arrays[arrays:]
-            self.nbytes = nbytes
-            self.packer.reset()
-            raise EncodeError(f"cannot send an item of type {type(item).__name__}: it holds "
-                              f"{exc}; zpipe sends {SUPPORTED}") from None
+            raise self._refused(item, exc) from None
         self.encoded.append(data)
-        self.marks.append(arrays)
-        self.nbytes += len(data)
         self.header_bytes += len(data)
-        if tag is not None:
+        if self.fresh:
+            self.arrays += self.fresh
+            self.array_bytes += sum(len(a) for a in self.fresh)
+            self.fresh.clear()
+        if tag is not None or self.tags is not None:
             if self.tags is None:
                 self.tags = [None] * (len(self.encoded) - 1)
             self.tags.append(tag)
-        elif self.tags is not None:
-            self.tags.append(None)
+
+    def alone(self, item: Any) -> list[Any]:
+        """The frames of a message of ``item`` alone, on an untagged link (the
+        batch must be empty, and stays so): an idle link's path, kept short."""
+        try:
+            data = self._pack(item)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise self._refused(item, exc) from None
+        if self.fresh:
+            arrays, self.fresh = self.fresh, []
+            return [_PREFIXES[1] + data, *arrays]
+        return [_PREFIXES[1] + data]
+
+    def _refused(self, item: Any, exc: Exception) -> EncodeError:
+        self.fresh.clear()
+        self.packer.reset()
+        return EncodeError(f"cannot send an item of type {type(item).__name__}: it holds "
+                           f"{exc}; zpipe sends {SUPPORTED}")
 
     def largest_frame(self) -> int:
         return max([self.header_bytes + 16, *(len(a) for a in self.arrays)])
 
-    def pop(self) -> tuple[bytes, Any, list[Any]]:
-        """Take the last item back out: (its encoding, its tag, its array frames)."""
-        data, mark = self.encoded.pop(), self.marks.pop()
+    def pop(self, mark: int) -> tuple[bytes, Any, list[Any]]:
+        """Take the last item back out: (its encoding, its tag, its array frames).
+
+        ``mark`` is ``len(self.arrays)`` from before that item was added.
+        """
+        data = self.encoded.pop()
         arrays, self.arrays = self.arrays[mark:], self.arrays[:mark]
         tag = self.tags.pop() if self.tags is not None else None
-        self.nbytes -= len(data) + sum(len(a) for a in arrays)
         self.header_bytes -= len(data)
+        self.array_bytes -= sum(len(a) for a in arrays)
         return data, tag, arrays
 
     def push(self, data: bytes, tag: Any, arrays: list[Any]) -> None:
         """Put back what pop() took (into an empty batch, so array indices still hold)."""
         assert not self.encoded
-        self.encoded, self.marks, self.arrays = [data], [0], list(arrays)
+        self.encoded, self.arrays = [data], list(arrays)
         self.tags = None if tag is None else [tag]
         self.header_bytes = len(data)
-        self.nbytes = len(data) + sum(len(a) for a in arrays)
+        self.array_bytes = sum(len(a) for a in arrays)
 
     def frames(self) -> list[Any]:
-        """The message's frames; the batch is empty again afterwards."""
-        pack = self.packer.pack
-        parts = [self.packer.pack_array_header(2 if self.tags is None else 3),
-                 pack(PROTOCOL_VERSION), self.packer.pack_array_header(len(self.encoded)),
-                 *self.encoded]
-        if self.tags is not None:
-            parts.append(pack(self.tags))
-        frames = [b"".join(parts), *self.arrays]
-        self.encoded, self.tags, self.arrays, self.nbytes = [], None, [], 0
-        self.header_bytes, self.marks = 0, []
-        return frames
+        """The message's frames (the batch keeps its items until ``clear()``)."""
+        count = len(self.encoded)
+        if self.tags is None:
+            prefix = _PREFIXES[count] if count < len(_PREFIXES) else \
+                _HEAD_PLAIN + self.packer.pack_array_header(count)
+            header = prefix + b"".join(self.encoded)
+        else:
+            header = b"".join([_HEAD_TAGGED, self.packer.pack_array_header(count),
+                               *self.encoded, self._pack(self.tags)])
+        return [header, *self.arrays] if self.arrays else [header]
+
+    def clear(self) -> None:
+        """Empty the batch, once its frames have been sent."""
+        self.encoded, self.tags, self.arrays = [], None, []
+        self.header_bytes = self.array_bytes = 0
+
+
+# The start of a header, [version, [items...]] or [version, [items...], tags],
+# up to the items' array header: fixed bytes, so the common small counts are
+# precomputed.
+_HEAD_PLAIN = b"\x92" + msgpack.packb(PROTOCOL_VERSION)
+_HEAD_TAGGED = b"\x93" + msgpack.packb(PROTOCOL_VERSION)
+_PREFIXES = [_HEAD_PLAIN + msgpack.Packer().pack_array_header(n) for n in range(1025)]
 
 
 def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]:
@@ -187,9 +223,44 @@ def decode(frames: Sequence[Any]) -> list[Any]:
 
 def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
     """Items of one data message and their tags (None on untagged links)."""
-    if not frames:
+    if len(frames) == 1:
+        # A message without arrays (the common, small case) needs no closure over its frames.
+        unpack = _unpack_plain
+    elif frames:
+        unpack = functools.partial(_unpack_plain, ext_hook=_ext_with(frames))
+    else:
         raise DecodeError("empty message")
+    head = frames[0]
+    try:
+        head = head.bytes  # a zmq.Frame
+    except AttributeError:
+        pass
+    try:
+        try:
+            message = unpack(head)
+        except TypeError:
+            # A tuple used as a dict key arrives as an unhashable list: decode
+            # again with tuples, then turn them into lists everywhere but keys.
+            message = _lists(unpack(head, use_list=False))
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"not a zpipe data message: {type(exc).__name__}: {exc}") from None
+    if type(message) is list and len(message) == 2 and message[0] == PROTOCOL_VERSION and \
+            type(message[1]) is list:
+        return message[1], None  # the usual message, checked in one go
+    if not isinstance(message, list) or len(message) < 2 or not isinstance(message[1], list):
+        raise DecodeError("not a zpipe data message: header is not [version, items]")
+    if message[0] != PROTOCOL_VERSION:
+        raise VersionMismatch(f"protocol version {message[0]!r} received, this zpipe speaks "
+                              f"{PROTOCOL_VERSION}: run the same zpipe version in every stage")
+    tags = message[2] if len(message) > 2 else None
+    if tags is not None and (not isinstance(tags, list) or len(tags) != len(message[1])):
+        raise DecodeError("not a zpipe data message: tags do not match items")
+    return message[1], tags
 
+
+def _ext_with(frames: Sequence[Any]) -> Callable[[int, bytes], Any]:
     def ext_hook(code: int, data: bytes) -> Any:
         if code == EXT_ARRAY:
             index, dtype, shape = msgpack.unpackb(data, use_list=True)
@@ -201,34 +272,22 @@ def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
             if len(buffer) == 0:  # zero-size array, or a dtype of itemsize 0
                 return _numpy().zeros(shape, dtype=dtype)
             return _numpy().frombuffer(buffer, dtype=dtype).reshape(shape)
-        if code == EXT_SCALAR:
-            dtype, raw = msgpack.unpackb(data, use_list=True)
-            return _numpy().frombuffer(raw, dtype=_dtype_from_wire(dtype))[0]
-        return msgpack.ExtType(code, data)
+        return _ext_without_frames(code, data)
+    return ext_hook
 
-    head = frames[0]
-    head = head.bytes if hasattr(head, "bytes") else head
-    try:
-        try:
-            message = msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=False)
-        except TypeError:
-            # A tuple used as a dict key arrives as an unhashable list: decode
-            # again with tuples, then turn them into lists everywhere but keys.
-            message = _lists(msgpack.unpackb(head, ext_hook=ext_hook, raw=False,
-                                             strict_map_key=False, use_list=False))
-    except DecodeError:
-        raise
-    except Exception as exc:
-        raise DecodeError(f"not a zpipe data message: {type(exc).__name__}: {exc}") from None
-    if not isinstance(message, list) or len(message) < 2 or not isinstance(message[1], list):
-        raise DecodeError("not a zpipe data message: header is not [version, items]")
-    if message[0] != PROTOCOL_VERSION:
-        raise VersionMismatch(f"protocol version {message[0]!r} received, this zpipe speaks "
-                          f"{PROTOCOL_VERSION}: run the same zpipe version in every stage")
-    tags = message[2] if len(message) > 2 else None
-    if tags is not None and (not isinstance(tags, list) or len(tags) != len(message[1])):
-        raise DecodeError("not a zpipe data message: tags do not match items")
-    return message[1], tags
+
+def _ext_without_frames(code: int, data: bytes) -> Any:
+    if code == EXT_SCALAR:
+        dtype, raw = msgpack.unpackb(data, use_list=True)
+        return _numpy().frombuffer(raw, dtype=_dtype_from_wire(dtype))[0]
+    if code == EXT_ARRAY:
+        index = msgpack.unpackb(data, use_list=True)[0]
+        raise DecodeError(f"array refers to frame {index} of 1")
+    return msgpack.ExtType(code, data)
+
+
+_unpack_plain = functools.partial(msgpack.unpackb, ext_hook=_ext_without_frames, raw=False,
+                                  strict_map_key=False)
 
 
 def _lists(value: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import zmq
 
 from . import protocol
+from .transport import EVENTS, NOBLOCK, POLLIN
 
 log = logging.getLogger("zpipe")
 
@@ -40,7 +41,7 @@ class Control:
         self.sock.send(protocol.pack(kind, **fields))
 
     def pending(self) -> bool:
-        return bool(self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        return bool(self.sock.getsockopt(EVENTS) & POLLIN)
 
     def check(self, now: float) -> None:
         """Handle waiting commands, at most every CONTROL_CHECK seconds (a busy replica's poll)."""
@@ -53,7 +54,7 @@ class Control:
         """Apply every waiting command; ABORT raises Aborted."""
         while self.pending():
             try:
-                kind, fields = protocol.unpack(self.sock.recv(zmq.NOBLOCK))
+                kind, fields = protocol.unpack(self.sock.recv(NOBLOCK))
             except zmq.Again:
                 return
             except ValueError as exc:

@@ -17,21 +17,23 @@ from . import codec
 from .control import Control, SourceStopped
 from .errors import EncodeError
 from .inbox import IDLE_POLL_MS, Inbox
+from .transport import NOBLOCK
 
 BATCH_ITEMS = 1000
 # ZeroMQ spreads messages, not items, over replicas: into a replicated stage,
 # small batches keep the work spread evenly.
 BATCH_ITEMS_REPLICATED = 4
-BATCH_BYTES = 256 * 1024
+# Large items gain nothing from sharing a message, and what a link holds is
+# about hwm messages: this keeps that near hwm x 64 kB for small items.
+BATCH_BYTES = 64 * 1024
 BATCH_WAIT = 0.001
 # While the stage is busy in user code, a waiting batch leaves within this;
 # a shorter period costs a busy stage more thread wake-ups than it saves.
 FLUSHER_PERIOD = 0.005
 IDLE_GAP = 0.0002
 
-
-
 _NOTHING = object()
+_monotonic = time.monotonic
 
 
 class Outbox:
@@ -55,7 +57,6 @@ class Outbox:
         self.numbered = 0
         self.ordered_by = ordered_by     # an ordered stage's inbox: outputs take its numbers
         self.pending: Any = _NOTHING     # an ordered stage's output, held until the next one
-        self.plain = not number_outputs and ordered_by is None  # the usual case, checked first
         self.batch = codec.Batch()
         self.lock = threading.Lock()
         self.oldest = 0.0                # when the batch's first output was added
@@ -70,21 +71,19 @@ class Outbox:
             self.poller.register(control.sock, zmq.POLLIN)
             self.flusher = Flusher(self)
             self.flusher.start()
+        # send(item) is what the stage's outputs go to: put() itself on a plain
+        # link (the usual case, without a call in between), else the tagging.
+        self.send = self.put if not number_outputs and ordered_by is None else self._send_tagged
 
-    def send(self, item: Any) -> None:
-        if self.plain:
-            return self._emit(item, None)
+    def _send_tagged(self, item: Any) -> None:
         if self.ordered_by is not None:
             # Held back one output so that the last one of each input can carry LAST.
             if self.pending is not _NOTHING:
-                self._emit(self.pending, [self.ordered_by.seq, 0])
+                self.put(self.pending, [self.ordered_by.seq, 0])
             self.pending = item
             return
-        if self.number_outputs:
-            tag, self.numbered = [self.numbered, codec.TAG_LAST], self.numbered + 1
-            self._emit(item, tag)
-        else:
-            self._emit(item, None)
+        tag, self.numbered = [self.numbered, codec.TAG_LAST], self.numbered + 1
+        self.put(item, tag)
 
     def end_input(self) -> None:
         """An ordered stage has handled one input completely: close its outputs."""
@@ -92,70 +91,93 @@ class Outbox:
         seq = self.ordered_by.seq
         if self.pending is _NOTHING:
             self.markers += 1
-            self._emit(None, [seq, codec.TAG_LAST | codec.TAG_MARKER])
+            self.put(None, [seq, codec.TAG_LAST | codec.TAG_MARKER])
         else:
             item, self.pending = self.pending, _NOTHING
-            self._emit(item, [seq, codec.TAG_LAST])
+            self.put(item, [seq, codec.TAG_LAST])
 
-    def _emit(self, item: Any, tag: Any) -> None:
-        now = time.monotonic()
+    def put(self, item: Any, tag: Any = None) -> None:
+        """Add one output to the batch; send the batch if it is due.
+
+        Every output of every stage passes here: the common case (the batch
+        fills, nothing is due) is kept to a few attribute reads.
+        """
+        now = _monotonic()
         if self.sock is None:
             self.sent += 1
         else:
             with self.lock:
                 batch = self.batch
-                empty = not batch.encoded
-                batch.add(item, tag)
-                if self.max_size is not None and batch.largest_frame() > self.max_size:
-                    self._respect_max_size(now)
-                if empty:
-                    self.oldest = now
-                if (empty and now - self.last_flush > IDLE_GAP) or batch.arrays or \
-                        len(batch.encoded) >= self.batch_items or batch.nbytes >= BATCH_BYTES or \
-                        now - self.oldest >= BATCH_WAIT:
-                    self._flush_locked(now)
-                elif empty and self.flusher is not None and self.flusher.idle:
-                    self.flusher.idle = False
-                    self.flusher.armed.set()
-        self.control.check(now)
-        if self.source and self.control.stopped:
-            raise SourceStopped()
+                if not batch.encoded and now - self.last_flush > IDLE_GAP and tag is None and \
+                        self.max_size is None:
+                    # After a pause an item leaves alone, at once: the latency path, kept short.
+                    self._send_now(batch.alone(item), 1)
+                else:
+                    joining = bool(batch.encoded)
+                    if self.max_size is None:
+                        batch.add(item, tag)
+                    else:
+                        self._add_capped(item, tag, now)
+                    if joining:
+                        if batch.arrays or len(batch.encoded) >= self.batch_items or \
+                                batch.header_bytes >= BATCH_BYTES or now - self.oldest >= BATCH_WAIT:
+                            self._flush_locked()
+                    else:
+                        self.oldest = now
+                        if batch.arrays or now - self.last_flush > IDLE_GAP:
+                            self._flush_locked()
+                        elif self.flusher is not None and self.flusher.idle:
+                            self.flusher.idle = False
+                            self.flusher.armed.set()
+        control = self.control
+        if now >= control.next_check:
+            control.check(now)
+            if self.source and control.stopped:
+                raise SourceStopped()
 
-    def _respect_max_size(self, now: float) -> None:
-        """The last item made a frame too big for the next stage: send it on its own, or fail."""
+    def _add_capped(self, item: Any, tag: Any, now: float) -> None:
+        """Add an item under max_size: if it makes a frame too big for the next
+        stage, send what came before on its own first, or fail if it is too big alone."""
         assert self.max_size is not None
-        last = self.batch.pop()
-        if self.batch.encoded:
-            self._flush_locked(now)
-        self.batch.push(*last)
-        if self.batch.largest_frame() > self.max_size:
-            self.batch.pop()
-            raise EncodeError(f"an item of {self.batch_size_of(last)} bytes is larger than "
-                              f"stage {self.downstream!r} accepts (max_message_size "
-                              f"{self.max_size})")
-
-    @staticmethod
-    def batch_size_of(last: tuple[bytes, Any, list[Any]]) -> int:
-        data, _, arrays = last
-        return len(data) + sum(len(a) for a in arrays)
+        batch = self.batch
+        mark = len(batch.arrays)
+        batch.add(item, tag)
+        if batch.largest_frame() <= self.max_size:
+            return
+        last = batch.pop(mark)
+        if batch.encoded:
+            self._flush_locked()
+        batch.push(*last)
+        if batch.largest_frame() > self.max_size:
+            batch.pop(0)
+            data, _, arrays = last
+            raise EncodeError(f"an item of {len(data) + sum(len(a) for a in arrays)} bytes is "
+                              f"larger than stage {self.downstream!r} accepts "
+                              f"(max_message_size {self.max_size})")
+        self.oldest = now
 
     def flush(self) -> None:
         """Send what waits in the batch (main thread; blocks while downstream is full)."""
-        if self.sock is not None and self.batch:
+        if self.sock is not None and self.batch.encoded:
             with self.lock:
-                if self.batch:
-                    self._flush_locked(time.monotonic())
+                if self.batch.encoded:
+                    self._flush_locked()
 
-    def _flush_locked(self, now: float) -> None:
-        count = len(self.batch)
-        frames = self.batch.frames()
+    def _flush_locked(self) -> None:
+        self._send_now(self.batch.frames(), len(self.batch))
+        self.batch.clear()
+
+    def _send_now(self, frames: list[Any], count: int) -> None:
+        """Send one message of ``count`` items, blocking while downstream is full."""
         assert self.sock is not None
         try:
             _send(self.sock, frames)
         except zmq.Again:
             self._send_blocking(frames)
         self.sent += count
-        self.last_flush = now
+        # Taken after the send: a send that waited on a full link does not
+        # make the next output look like the first after a pause.
+        self.last_flush = _monotonic()
 
     def flush_if_due(self) -> bool:
         """From the Flusher: send the batch if its time is up and the socket takes it now.
@@ -167,14 +189,16 @@ class Outbox:
         try:
             assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
-            if self.batch.encoded and now - self.oldest >= BATCH_WAIT and \
-                    self.sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
-                count = len(self.batch)
-                _send(self.sock, self.batch.frames())
-                self.sent += count
+            if self.batch.encoded and now - self.oldest >= BATCH_WAIT:
+                try:
+                    _send(self.sock, self.batch.frames())
+                except zmq.Again:
+                    return True  # downstream is full: the batch waits for the next look
+                self.sent += len(self.batch)
+                self.batch.clear()
                 self.last_flush = now
             if not self.batch.encoded:
-                # Decided under the lock, so that _emit sees it and re-arms.
+                # Decided under the lock, so that put() sees it and re-arms.
                 self.flusher.idle = True
                 return False
             return True
@@ -203,9 +227,9 @@ def _send(sock: zmq.Socket, frames: list[Any]) -> None:
     """Send without blocking (zmq.Again if full); arrays without a copy, small headers copied
     (a copy is cheaper than tracking a zero-copy frame for a few hundred bytes)."""
     if len(frames) == 1:
-        sock.send(frames[0], zmq.NOBLOCK)
+        sock.send(frames[0], NOBLOCK)
     else:
-        sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        sock.send_multipart(frames, NOBLOCK, copy=False)
 
 
 class Flusher(threading.Thread):

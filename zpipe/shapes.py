@@ -272,6 +272,12 @@ class Body:
             else:
                 process = (lambda item: target(item, **params)) if params else target  # noqa: E731
                 items = inputs
+            if shape is not Shape.FLATMAP and end_input is None:
+                for item in items:  # the usual case, every item: kept to the bare loop
+                    out = process(item)
+                    if out is not None:
+                        send(out)
+                return
             flat = shape is Shape.FLATMAP
             for item in items:
                 out = process(item)

@@ -19,6 +19,12 @@ from .security import Curve
 # only once the supervisor has counted its outputs downstream.
 LINGER_MS = 1000
 
+# For the hot path: pyzmq's enum members cost a Python-level enum operation
+# (about 1 us) wherever a flag is combined or tested; plain ints do not.
+NOBLOCK = int(zmq.NOBLOCK)
+EVENTS = int(zmq.EVENTS)
+POLLIN = int(zmq.POLLIN)
+
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int | None = None) -> zmq.Socket:
     sock = ctx.socket(kind)
