@@ -8,7 +8,7 @@ import time
 import pytest
 import zmq
 
-from zpipe import codec
+from zpipe import codec, inbox as inbox_module, protocol
 from zpipe.control import Control
 from zpipe.errors import EncodeError
 from zpipe.inbox import Inbox, Reorder
@@ -202,5 +202,48 @@ def test_inbox_iteration_and_next_share_one_input():
         inbox.control.stopped = True  # the input ends once it is empty
         assert [[a, next(inbox)] for a in inbox] == [[0, 1], [2, 3], [4, 5]]
         assert inbox.received == 6 and list(inbox) == []
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_an_idle_inbox_answers_drain_and_stop_at_once(monkeypatch):
+    # A sleeping replica must wake for commands, not find them at its next
+    # timeout: with the timeout at a minute, a missed wake-up fails here.
+    monkeypatch.setattr(inbox_module, "IDLE_POLL_MS", 60_000)
+    import threading
+    ctx = zmq.Context()
+    try:
+        router = ctx.socket(zmq.ROUTER)
+        router.bind("inproc://supervisor")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"sink-0")
+        dealer.connect("inproc://supervisor")
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind("inproc://input")
+        push.connect("inproc://input")
+        inbox = Inbox(pull, Control(dealer), "sink", 10)
+        got: list = []
+        reader = threading.Thread(target=lambda: got.extend(inbox), daemon=True)
+        reader.start()
+        push.send_multipart(codec.encode([1, 2, 3]))
+
+        def until(condition, what):
+            deadline = time.monotonic() + 10
+            while not condition():
+                assert time.monotonic() < deadline, what
+                time.sleep(0.01)
+
+        until(lambda: inbox.received == 3, "the items never arrived")
+        for _ in range(3):  # DRAIN while the replica sleeps, more than once
+            assert not router.poll(0)
+            router.send_multipart([b"sink-0", protocol.pack(protocol.DRAIN, expected=3)])
+            assert router.poll(5000), "no RECEIVED after DRAIN"
+            kind, fields = protocol.unpack(router.recv_multipart()[1])
+            assert (kind, fields["received"]) == (protocol.RECEIVED, 3)
+            inbox.reported = None  # so that the next DRAIN is answered again
+        router.send_multipart([b"sink-0", protocol.pack(protocol.STOP)])
+        reader.join(5)
+        assert not reader.is_alive(), "STOP did not end the input"
+        assert got == [1, 2, 3]
     finally:
         ctx.destroy(linger=0)

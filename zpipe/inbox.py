@@ -147,10 +147,15 @@ class Inbox(Inputs):
         """
         self.before_idle()  # never sit on outputs while waiting for input
         control = self.control
-        if control.draining and self.received != self.reported:
+        # The last look at the control socket must come after the last send
+        # on it (a send may take in the wake-up of a command that arrived), and
+        # DRAIN may come in with that look: hence a loop that ends with a look.
+        while True:
+            control.handle()
+            if control.stopped or not (control.draining and self.received != self.reported):
+                break
             control.send(protocol.RECEIVED, received=self.received)
             self.reported = self.received
-        control.handle()
         if control.stopped:
             return False
         ready = False
