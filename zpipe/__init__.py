@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any
 from .config import PipelineSpec, StageSpec, load
 from .errors import ConfigError, EncodeError, StageError, ZpipeError
 from .stage import Stage
-from .supervisor import Outcome
 
 if TYPE_CHECKING:
     from .api import Pipeline, Task, run
+    from .supervisor import Outcome
 
 __all__ = ["ConfigError", "EncodeError", "Outcome", "Pipeline", "PipelineSpec", "Stage",
            "StageError", "StageSpec", "Task", "ZpipeError", "load", "run"]
@@ -19,9 +19,13 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # The Python API (and multiprocessing with it) loads on first use: stage
-    # processes started by `zpipe launch` never need it and start faster.
+    # The Python API (and multiprocessing with it) and the supervisor load on
+    # first use: stage processes started by `zpipe launch` never need them and
+    # start faster.
     if name in ("Pipeline", "Task", "run"):
         from . import api
         return getattr(api, name)
+    if name == "Outcome":
+        from .supervisor import Outcome
+        return Outcome
     raise AttributeError(f"module 'zpipe' has no attribute {name!r}")

@@ -10,10 +10,12 @@ from typing import Any
 
 import click
 
-from . import export as exporting
-from . import launcher, security, worker
 from .config import apply_environment, load
 from .errors import ConfigError
+
+# Each command imports the core it calls when it runs: `zpipe stage`, which
+# `zpipe launch` starts once per replica, then loads neither the supervisor
+# nor the launcher, and every replica starts sooner.
 
 EXIT_BAD_INPUT = 2
 
@@ -36,6 +38,7 @@ def main() -> None:
                    "(default: [pipeline] grace, else 5).")
 def launch(file: str, grace: float | None) -> None:
     """Run the pipeline described in FILE (a pipeline.toml) on this host."""
+    from . import launcher
     try:
         outcome = launcher.launch(file, grace=grace)
     except ConfigError as exc:
@@ -47,6 +50,7 @@ def launch(file: str, grace: float | None) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def validate(file: str) -> None:
     """Check FILE, its imports and params without running anything; print the plan."""
+    from . import launcher
     try:
         spec = load(file)
         callees = launcher.check(spec)
@@ -64,6 +68,7 @@ def validate(file: str) -> None:
               help="Which replica of the stage this process is.")
 def stage(file: str, name: str, replica: int) -> None:
     """Run one replica of stage NAME of FILE (what `launch` starts for each replica)."""
+    from . import worker
     try:
         status = worker.run_stage_process(apply_environment(load(file), os.environ), name,
                                           replica)
@@ -82,6 +87,7 @@ def supervise(file: str, grace: float | None) -> None:
     Every replica runs as `zpipe stage FILE NAME --replica I`; addresses are the
     file's tcp ones, or ZPIPE_CONTROL and ZPIPE_ADDRESS_<STAGE> from the environment.
     """
+    from . import launcher
     try:
         outcome = launcher.supervise(file, grace=grace)
     except ConfigError as exc:
@@ -101,7 +107,8 @@ def export() -> None:
 @click.option("--image", default=None, help="Image every service runs (default: zpipe-NAME).")
 def export_compose(file: str, output: Any, image: str | None) -> None:
     """A docker-compose.yml running each replica of FILE as its own service."""
-    _export(exporting.compose, file, output, image)
+    from .export import compose
+    _export(compose, file, output, image)
 
 
 def _export(render: Any, file: str, output: Any, image: str | None) -> None:
@@ -119,12 +126,14 @@ def _export(render: Any, file: str, output: Any, image: str | None) -> None:
 @click.option("--image", default=None, help="Image every pod runs (default: zpipe-NAME).")
 def export_k8s(file: str, output: Any, image: str | None) -> None:
     """Kubernetes manifests: a headless Service and a StatefulSet per stage."""
-    _export(exporting.kubernetes, file, output, image)
+    from .export import kubernetes
+    _export(kubernetes, file, output, image)
 
 
 @main.command()
 @click.argument("folder", type=click.Path(file_okay=False))
 def keys(folder: str) -> None:
     """Make the CurveZMQ key pairs a pipeline's `keys = "FOLDER"` names."""
+    from . import security
     for path in security.create_keys(folder):
         click.echo(str(path))

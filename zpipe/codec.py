@@ -205,7 +205,8 @@ class Batch:
 # precomputed.
 _HEAD_PLAIN = b"\x92" + msgpack.packb(PROTOCOL_VERSION)
 _HEAD_TAGGED = b"\x93" + msgpack.packb(PROTOCOL_VERSION)
-_PREFIXES = [_HEAD_PLAIN + msgpack.Packer().pack_array_header(n) for n in range(1025)]
+_PREFIXES = [_HEAD_PLAIN + _packer.pack_array_header(n) for _packer in [msgpack.Packer()]
+             for n in range(1025)]
 
 
 def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]:
