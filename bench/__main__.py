@@ -6,7 +6,7 @@ pipeline-lib measured in the same run, printed as one table.
     python -m bench --only latency   # one scenario (or several: --only small,arrays)
     python -m bench --markdown       # the table as Markdown, for BENCHMARKS.md
     python -m bench --json out.json  # also write every figure
-    python -m bench --repeat 5       # best of 5 runs per figure (full: 3, quick: 1)
+    python -m bench --repeat 7       # best of 7 runs per figure (full: 5, quick: 1)
 
 Progress goes to stderr, the table to stdout. Exit status 1 if a scenario
 could not run (ERROR), else 0, whether targets pass or fail.
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"run only these scenarios: {', '.join(suite.SCENARIOS)} "
                              "(repeat or separate with commas)")
     parser.add_argument("--repeat", type=int, metavar="N",
-                        help="best of N runs per figure (default: 3, with --quick 1)")
+                        help="best of N runs per figure (default: 5, with --quick 1)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)

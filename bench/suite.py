@@ -18,7 +18,7 @@ SIZES = {
     "full": dict(small=200_000, small_process=20_000, small_thread=100_000,
                  arrays=100, arrays_mnp=50, arrays_shm=40,
                  latency=1000, startup_runs=3, replicas=400, idle_wait=2.0,
-                 pressure_items=300, repeat=3),
+                 pressure_items=300, repeat=5),
     "quick": dict(small=20_000, small_process=2_000, small_thread=10_000,
                   arrays=20, arrays_mnp=10, arrays_shm=10,
                   latency=200, startup_runs=1, replicas=200, idle_wait=1.0,
@@ -124,14 +124,13 @@ def latency(n: dict) -> list[Row]:
     rows.append(versus("latency p50, 2 hops one-way", zpipe, reference, micros,
                        "(raw pyzmq)", "<=", 1.5))
     step(f"latency: raw pyzmq round trip through one relay, {count} items")
-    _attempt(rows, "raw round trip, one relay", lambda: _round_trip(n))
+    # The issue's own reference ("the raw relay round trip"), for information:
+    # the one-way chain above is the same topology as zpipe's, and stricter.
+    _attempt(rows, "latency p50 vs raw round trip", lambda: versus(
+        "latency p50 vs raw round trip", zpipe,
+        best(n, lambda: _p50_us(raw.round_trip(count, PAUSE, WARMUP)), lowest=True), micros,
+        "(raw pyzmq, one relay and back)"))
     return rows
-
-
-def _round_trip(n: dict) -> Row:
-    p50 = best(n, lambda: _p50_us(raw.round_trip(n["latency"], PAUSE, WARMUP)), lowest=True)
-    return Row("raw round trip, one relay", "-", f"{micros(p50)} (raw pyzmq p50)",
-               data={"reference": p50, "reference_runs": p50.runs})
 
 
 def startup(n: dict) -> list[Row]:

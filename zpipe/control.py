@@ -9,7 +9,7 @@ from typing import Any, Callable
 import zmq
 
 from . import protocol
-from .transport import EVENTS, NOBLOCK, POLLIN
+from .transport import NOBLOCK, POLLIN
 
 log = logging.getLogger("zpipe")
 
@@ -36,12 +36,15 @@ class Control:
         self.stopped = False
         self.exit = False
         self.next_check = 0.0
+        self.poll_items = [(sock, POLLIN)]
 
     def send(self, kind: str, **fields: Any) -> None:
         self.sock.send(protocol.pack(kind, **fields))
 
     def pending(self) -> bool:
-        return bool(self.sock.getsockopt(EVENTS) & POLLIN)
+        # zmq_poll rather than ZMQ_EVENTS: pyzmq's getsockopt makes an enum
+        # of the option on every call, which costs more than the poll.
+        return bool(zmq.zmq_poll(self.poll_items, 0))
 
     def check(self, now: float) -> None:
         """Handle waiting commands, at most every CONTROL_CHECK seconds (a busy replica's poll)."""

@@ -22,7 +22,6 @@ LINGER_MS = 1000
 # For the hot path: pyzmq's enum members cost a Python-level enum operation
 # (about 1 us) wherever a flag is combined or tested; plain ints do not.
 NOBLOCK = int(zmq.NOBLOCK)
-EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
 
 
