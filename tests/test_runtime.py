@@ -106,7 +106,7 @@ def test_batch_packs_items_with_their_arrays_and_tags():
     frames = batch.frames()
     assert len(frames) == 4 and len(batch) == 3
     batch.clear()
-    assert not batch.encoded and not batch.arrays and batch.nbytes == 0
+    assert not batch.encoded and not batch.arrays and batch.header_bytes == 0
     items, tags = codec.decode_tagged([bytes(f) for f in frames])
     assert items[0]["a"].tolist() == [0, 1, 2] and items[1] == "plain"
     assert items[2][0].tolist() == [[1, 1], [1, 1]] and items[2][1].size == 0

@@ -94,14 +94,9 @@ class Batch:
         self.arrays: list[Any] = []   # frames 1.. of the message
         self.fresh: list[Any] = []    # arrays of the item being packed, until it succeeds
         self.header_bytes = 0         # the items' encodings, without their arrays
-        self.array_bytes = 0
 
     def __len__(self) -> int:
         return len(self.encoded)
-
-    @property
-    def nbytes(self) -> int:
-        return self.header_bytes + self.array_bytes
 
     def _default(self, obj: Any) -> Any:
         module = type(obj).__module__
@@ -134,7 +129,6 @@ class Batch:
         self.header_bytes += len(data)
         if self.fresh:
             self.arrays += self.fresh
-            self.array_bytes += sum(len(a) for a in self.fresh)
             self.fresh.clear()
         if tag is not None or self.tags is not None:
             if self.tags is None:
@@ -171,7 +165,6 @@ class Batch:
         arrays, self.arrays = self.arrays[mark:], self.arrays[:mark]
         tag = self.tags.pop() if self.tags is not None else None
         self.header_bytes -= len(data)
-        self.array_bytes -= sum(len(a) for a in arrays)
         return data, tag, arrays
 
     def push(self, data: bytes, tag: Any, arrays: list[Any]) -> None:
@@ -180,7 +173,6 @@ class Batch:
         self.encoded, self.arrays = [data], list(arrays)
         self.tags = None if tag is None else [tag]
         self.header_bytes = len(data)
-        self.array_bytes = sum(len(a) for a in arrays)
 
     def frames(self) -> list[Any]:
         """The message's frames (the batch keeps its items until ``clear()``)."""
@@ -197,7 +189,7 @@ class Batch:
     def clear(self) -> None:
         """Empty the batch, once its frames have been sent."""
         self.encoded, self.tags, self.arrays = [], None, []
-        self.header_bytes = self.array_bytes = 0
+        self.header_bytes = 0
 
 
 # The start of a header, [version, [items...]] or [version, [items...], tags],
@@ -205,8 +197,8 @@ class Batch:
 # precomputed.
 _HEAD_PLAIN = b"\x92" + msgpack.packb(PROTOCOL_VERSION)
 _HEAD_TAGGED = b"\x93" + msgpack.packb(PROTOCOL_VERSION)
-_PREFIXES = [_HEAD_PLAIN + _packer.pack_array_header(n) for _packer in [msgpack.Packer()]
-             for n in range(1025)]
+_PREFIXES = [_HEAD_PLAIN + header
+             for header in map(msgpack.Packer().pack_array_header, range(1025))]
 
 
 def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]:
