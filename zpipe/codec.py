@@ -16,7 +16,6 @@ received buffer). Tuples arrive as lists, as msgpack has no tuple.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, Sequence
 
 import msgpack
@@ -218,9 +217,9 @@ def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
     """Items of one data message and their tags (None on untagged links)."""
     if len(frames) == 1:
         # A message without arrays (the common, small case) needs no closure over its frames.
-        unpack = _unpack_plain
+        ext_hook = _ext_without_frames
     elif frames:
-        unpack = functools.partial(_unpack_plain, ext_hook=_ext_with(frames))
+        ext_hook = _ext_with(frames)
     else:
         raise DecodeError("empty message")
     head = frames[0]
@@ -230,11 +229,12 @@ def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
         pass
     try:
         try:
-            message = unpack(head)
+            message = msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=False)
         except TypeError:
             # A tuple used as a dict key arrives as an unhashable list: decode
             # again with tuples, then turn them into lists everywhere but keys.
-            message = _lists(unpack(head, use_list=False))
+            message = _lists(msgpack.unpackb(head, ext_hook=ext_hook, raw=False,
+                                             strict_map_key=False, use_list=False))
     except DecodeError:
         raise
     except Exception as exc:
@@ -278,9 +278,6 @@ def _ext_without_frames(code: int, data: bytes) -> Any:
         raise DecodeError(f"array refers to frame {index} of 1")
     return msgpack.ExtType(code, data)
 
-
-_unpack_plain = functools.partial(msgpack.unpackb, ext_hook=_ext_without_frames, raw=False,
-                                  strict_map_key=False)
 
 
 def _lists(value: Any) -> Any:
