@@ -42,6 +42,7 @@ class Inbox(Inputs):
         self.seq = -1                   # number of the item last returned (numbered links)
         self.reorder: Reorder | None = None
         self.before_idle: Callable[[], None] = lambda: None  # the outbox flushes its batch
+        self.items = self._items()
         # zmq_poll's list, used directly: the Poller and ZMQ_EVENTS cost more per call
         self.input_only = [(sock, POLLIN)]
         # An idle replica sleeps in poll(2) on the sockets' ZMQ_FDs (see _idle).
@@ -51,20 +52,18 @@ class Inbox(Inputs):
         self.sleep.register(control.sock.getsockopt(zmq.FD), select.POLLIN)
 
     def __next__(self) -> Any:
-        while not self.buffer:  # a message may add nothing yet (held back for reordering)
-            if not self._fill(block=True):
-                raise StopIteration
-        if self.seqs:
-            self.seq = self.seqs.popleft()
-        item = self.last_item = self.buffer.popleft()
-        return item
+        return next(self.items)
 
     def __iter__(self) -> Iterator[Any]:
-        # The same as calling __next__ until it ends, but a generator resumes
-        # faster than a Python __next__ is called: this is every stage's hot loop.
+        # One generator serves `for` and next() alike (a stream function may mix
+        # them): a generator resumes faster than a Python __next__ is called,
+        # and this is every stage's hot loop.
+        return self.items
+
+    def _items(self) -> Iterator[Any]:
         buffer, seqs = self.buffer, self.seqs
         while True:
-            while not buffer:
+            while not buffer:  # a message may add nothing yet (held back for reordering)
                 if not self._fill(block=True):
                     return
             if seqs:
