@@ -135,13 +135,18 @@ def startup(count: int, runs: int) -> dict:
 
 def replicas(count: int, spins: int, replicas: int) -> dict:
     """Items/s from the source's start to the last item at the sink: end to end,
-    since items may reach the sink in bunches."""
+    since items may reach the sink in bunches. ``idle_tail_s``: from the first
+    replica's last item to the last replica's, the time work was not shared."""
     result, child = run_to_end("replicas", [
         stage("source", "announced_source", params={"count": count}),
-        stage("busy", "busy", params={"spins": spins}, replicas=replicas),
+        stage("busy", "Busy", params={"spins": spins}, replicas=replicas),
         stage("sink", "rate_sink", stream=True)], expect=count)
-    start = next(r["t"] for r in child.results() if r.get("event") == "start")
-    return {**result, "rate": count / (result["last_wall"] - start)}
+    events = child.results()
+    start = next(r["t"] for r in events if r.get("event") == "start")
+    ends = [r["t"] for r in events if r.get("event") == "replica_done" and r["t"] is not None]
+    return {**result, "rate": count / (result["last_wall"] - start),
+            "idle_tail_s": max(ends) - min(ends) if len(ends) > 1 else 0.0,
+            "shares": [r["count"] for r in events if r.get("event") == "replica_done"]}
 
 
 def calibrate_spins(seconds: float = 0.002) -> int:

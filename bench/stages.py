@@ -11,6 +11,8 @@ import json
 import time
 from typing import Iterable
 
+import zpipe
+
 
 def report(**fields):
     print("BENCH " + json.dumps(fields), flush=True)
@@ -73,6 +75,24 @@ def busy(item, spins):
     for k in range(spins):
         x += k
     return item
+
+
+class Busy(zpipe.Stage):
+    """busy() per item; each replica reports when it finished its last item."""
+
+    def __init__(self, spins):
+        self.spins = spins
+        self.count = 0
+        self.last = None
+
+    def process(self, item):
+        busy(item, self.spins)
+        self.count += 1
+        self.last = time.time()
+        return item
+
+    def teardown(self):
+        report(event="replica_done", t=self.last, count=self.count)
 
 
 # -- sinks --------------------------------------------------------------------

@@ -17,7 +17,7 @@ MB10 = 10 * 2**20
 SIZES = {
     "full": dict(small=200_000, small_process=20_000, small_thread=100_000,
                  arrays=100, arrays_mnp=50, arrays_shm=40,
-                 latency=1000, startup_runs=3, replicas=400, idle_wait=2.0,
+                 latency=1000, startup_runs=3, replicas=1000, idle_wait=2.0,
                  pressure_items=300, repeat=5),
     "quick": dict(small=20_000, small_process=2_000, small_thread=10_000,
                   arrays=20, arrays_mnp=10, arrays_shm=10,
@@ -147,12 +147,25 @@ def replicas(n: dict) -> list[Row]:
     spins = scenarios.calibrate_spins(0.002)
     step(f"replicas: zpipe busy stage ({spins:,} spins, ~2 ms here), {n['replicas']} items, "
          f"replicas=1 and 2 in turns")
+    tails: list[float] = []
+
+    def two_replicas() -> float:
+        result = scenarios.replicas(n["replicas"], spins, 2)
+        tails.append(result["idle_tail_s"])
+        return result["rate"]
+
     one, two = interleaved(n, lambda: scenarios.replicas(n["replicas"], spins, 1)["rate"],
-                           lambda: scenarios.replicas(n["replicas"], spins, 2)["rate"])
+                           two_replicas)
     row = versus("CPU-bound stage, replicas=2 vs 1", two, one, rate, "(zpipe, replicas=1)",
                  ">=", 1.8)
     row.data.update(spins=spins, ms_per_item=1e3 / one)
-    return [row]
+    paired = statistics.median(b / a for a, b in zip(one.runs, two.runs))
+    tail = statistics.median(tails)
+    return [row,
+            Row("same, median of the ratios run by run", "-", ratio=f"{paired:.2f}x",
+                data={"ratio": paired}),
+            Row("same: one replica idle, the other busy, at the end", f"{tail * 1e3:.0f} ms",
+                f"of {n['replicas'] / two:.2f} s in all (median)", data={"runs": tails})]
 
 
 def memory(n: dict) -> list[Row]:

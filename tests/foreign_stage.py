@@ -1,7 +1,8 @@
 """A stage written with only pyzmq and msgpack, from docs/protocol.md (no zpipe import).
 
-Usage: python foreign_stage.py CONTROL BIND DOWNSTREAM NAME-R
-It multiplies every item by ten.
+Usage: python foreign_stage.py CONTROL BIND DOWNSTREAM[,DOWNSTREAM...] NAME-R REPLICAS
+It multiplies every item by ten. REPLICAS is how many replicas its own stage
+has; more than one address downstream means the next stage has several.
 """
 
 import os
@@ -12,11 +13,14 @@ import time
 import msgpack
 import zmq
 
-VERSION = 1
+VERSION = 2
+FIRST_CREDITS = 2
 
 
 def main() -> None:
-    control, bind, downstream, name = sys.argv[1:5]
+    control, bind, downstream, name, replicas = sys.argv[1:6]
+    downstream = downstream.split(",")
+    routed_in, routed_out = int(replicas) > 1, len(downstream) > 1
     ctx = zmq.Context()
     ctl = ctx.socket(zmq.DEALER)
     ctl.setsockopt(zmq.IDENTITY, name.encode())
@@ -36,10 +40,33 @@ def main() -> None:
         return kind
 
     tell("hello", pid=os.getpid(), host=socket.gethostname(), version=VERSION)
-    inbox = ctx.socket(zmq.PULL)
+    inbox = ctx.socket(zmq.ROUTER if routed_in else zmq.PULL)
     inbox.bind(bind)
-    outbox = ctx.socket(zmq.PUSH)
-    outbox.connect(downstream)
+    outbox = ctx.socket(zmq.ROUTER if routed_out else zmq.PUSH)
+    credits = {}
+    if routed_out:
+        outbox.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    for number, address in enumerate(downstream):
+        if routed_out:
+            peer = str(number).encode()
+            outbox.setsockopt(zmq.CONNECT_ROUTING_ID, peer)
+            credits[peer] = FIRST_CREDITS
+        outbox.connect(address)
+
+    def send(frame):
+        if not routed_out:
+            outbox.send(frame)
+            return
+        while not any(credits.values()):  # wait for a credit
+            peer, count = outbox.recv_multipart()
+            credits[peer] += msgpack.unpackb(count)
+        while outbox.poll(0):  # and take those that came meanwhile
+            peer, count = outbox.recv_multipart()
+            credits[peer] += msgpack.unpackb(count)
+        peer = max(credits, key=credits.get)
+        credits[peer] -= 1
+        outbox.send_multipart([peer, frame])
+
     tell("ready")
     received = sent = 0
     draining, reported, last_beat = False, None, 0.0
@@ -55,10 +82,13 @@ def main() -> None:
         events = dict(poller.poll(100))
         if inbox in events:
             frames = inbox.recv_multipart()
+            if routed_in:  # the sender's id first: give its credit back
+                sender, *frames = frames
+                inbox.send_multipart([sender, msgpack.packb(1)])
             version, items = msgpack.unpackb(frames[0], raw=False)[:2]
             assert version == VERSION
             received += len(items)
-            outbox.send(msgpack.packb([VERSION, [x * 10 for x in items]]))
+            send(msgpack.packb([VERSION, [x * 10 for x in items]]))
             sent += len(items)
             continue
         if ctl in events:

@@ -98,39 +98,60 @@ def test_a_peer_of_another_version_is_a_clear_error(tmp_path):
     supervisor.router.close(0)
     ctx.term()
     assert supervisor.failures
-    assert "protocol version 2" in supervisor.failures[0].message
-    assert "this zpipe speaks 1" in supervisor.failures[0].message
+    assert f"protocol version {wire.PROTOCOL_VERSION + 1}" in supervisor.failures[0].message
+    assert f"this zpipe speaks {wire.PROTOCOL_VERSION}" in supervisor.failures[0].message
 
 
-def test_a_stage_written_with_only_pyzmq_and_msgpack_joins_a_pipeline(project):
-    """docs/protocol.md is enough to write a stage in any language."""
+def _port_pairs(count: int) -> list[int]:
+    """``count`` ports p, each with p + 1 free as well (replica i listens on p + i)."""
+    from test_launcher import free_ports, port_is_free
+
+    found: list[int] = []
+    while len(found) < count:
+        port = free_ports(1)[0]
+        if port < 65535 and port_is_free(port + 1) and not {port, port + 1} & {
+                p + k for p in found for k in (0, 1)}:
+            found.append(port)
+    return found
+
+
+@pytest.mark.parametrize("replicas", [1, 2], ids=["push-pull", "credits"])
+def test_a_stage_written_with_only_pyzmq_and_msgpack_joins_a_pipeline(project, replicas):
+    """docs/protocol.md is enough to write a stage in any language: with one replica
+    per stage (PUSH/PULL), and with two, where the foreign stage takes credits
+    from zpipe's source and gives them to zpipe's sink."""
     import subprocess
     import sys
     from pathlib import Path
 
-    from test_launcher import free_ports, toml
+    from test_launcher import toml
 
-    control, relay, sink = free_ports(3)
+    control, relay, sink = _port_pairs(3)
     project.pipeline(toml(
         'name = "source"\nrun = "stages:numbers"\nparams = { count = 3000 }',
-        f'name = "foreign"\nrun = "stages:unused"\naddress = "tcp://127.0.0.1:{relay}"',
-        f'name = "sink"\nrun = "stages:record"\naddress = "tcp://127.0.0.1:{sink}"',
+        f'name = "foreign"\nrun = "stages:unused"\nreplicas = {replicas}\n'
+        f'address = "tcp://127.0.0.1:{relay}"',
+        f'name = "sink"\nrun = "stages:record"\nreplicas = {replicas}\n'
+        f'address = "tcp://127.0.0.1:{sink}"',
         extra=f'control = "tcp://127.0.0.1:{control}"'),
-        "import json\nfrom typing import Iterable\n"
+        "import json, os\nfrom typing import Iterable\n"
         "def numbers(count):\n    yield from range(count)\n"
         "def unused(x):\n    return x\n"
         "def record(items: Iterable):\n"
-        "    with open('out.txt', 'w') as f:\n"
+        "    with open(f'out-{os.getpid()}.txt', 'w') as f:\n"
         "        f.write(json.dumps(list(items)))\n")
     zpipe_cmd = [sys.executable, "-m", "zpipe"]
     procs = [subprocess.Popen([*zpipe_cmd, "supervise", str(project.toml)], cwd=project.root,
                               stderr=subprocess.PIPE, text=True)]
-    procs += [subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), name], cwd=project.root)
-              for name in ("source", "sink")]
-    procs.append(subprocess.Popen(
+    procs += [subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), "source"],
+                               cwd=project.root)]
+    procs += [subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), "sink", "--replica",
+                                str(r)], cwd=project.root) for r in range(replicas)]
+    sinks = ",".join(f"tcp://127.0.0.1:{sink + r}" for r in range(replicas))
+    procs += [subprocess.Popen(
         [sys.executable, str(Path(__file__).with_name("foreign_stage.py")),
-         f"tcp://127.0.0.1:{control}", f"tcp://127.0.0.1:{relay}",
-         f"tcp://127.0.0.1:{sink}", "foreign-0"], cwd=project.root))
+         f"tcp://127.0.0.1:{control}", f"tcp://127.0.0.1:{relay + r}", sinks, f"foreign-{r}",
+         str(replicas)], cwd=project.root) for r in range(replicas)]
     try:
         _, err = procs[0].communicate(timeout=60)
         codes = [p.wait(30) for p in procs[1:]]
@@ -138,9 +159,11 @@ def test_a_stage_written_with_only_pyzmq_and_msgpack_joins_a_pipeline(project):
         for p in procs:
             p.kill()
     assert procs[0].returncode == 0, err
-    assert codes == [0, 0, 0]
+    assert codes == [0] * (1 + 2 * replicas)
     import json
-    assert sorted(json.loads(project.read("out.txt"))) == [10 * x for x in range(3000)]
+    outputs = [json.loads(path.read_text()) for path in project.root.glob("out-*.txt")]
+    assert len(outputs) == replicas and all(outputs)  # every replica had a share
+    assert sorted(x for out in outputs for x in out) == [10 * x for x in range(3000)]
     assert "stage 'foreign' finished: 3000 in, 3000 out" in err
 
 

@@ -22,7 +22,7 @@ import msgpack
 
 from .errors import EncodeError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # docs/protocol.md, Versioning
 EXT_ARRAY = 1
 EXT_SCALAR = 2
 TAG_LAST = 1    # the last output for this input sequence number

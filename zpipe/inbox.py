@@ -1,4 +1,5 @@
-"""A replica's input: items off its PULL socket, as the iterator its stage consumes."""
+"""A replica's input: items off its PULL (or, replicated, ROUTER) socket, as the
+iterator its stage consumes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Callable, Iterator
 import zmq
 
 from . import codec, protocol
+from .balance import Lender
 from .control import Control
 from .shapes import Inputs
 from .transport import NOBLOCK, POLLIN
@@ -22,14 +24,16 @@ _monotonic = time.monotonic
 
 
 class Inbox(Inputs):
-    """The items arriving on a replica's PULL socket, as an iterator.
+    """The items arriving on a replica's input socket, as an iterator.
 
     It ends when the supervisor says STOP, which it does only once the
     replicas of this stage together have received every item upstream sent.
     """
 
-    def __init__(self, sock: zmq.Socket, control: Control, stage: str, batch_limit: int):
+    def __init__(self, sock: zmq.Socket, control: Control, stage: str, batch_limit: int,
+                 lender: Lender | None = None):
         self.sock = sock
+        self.lender = lender  # a ROUTER input (replicated stage): gives credits back
         self.batch_limit = batch_limit
         self.control = control
         self.stage = stage
@@ -112,7 +116,8 @@ class Inbox(Inputs):
 
     def _receive(self, block: bool) -> list[Any] | None:
         """The frames of the next message; None when none came (ended, or not blocking)."""
-        sock, control = self.sock, self.control
+        sock, control, lender = self.sock, self.control, self.lender
+        wanted_at = _monotonic() if lender is not None else 0.0
         ready = False  # the last poll saw a message waiting
         while True:
             # Asking first is cheaper than a receive that fails (pyzmq raises
@@ -124,6 +129,12 @@ class Inbox(Inputs):
                 except zmq.Again:
                     ready = False
                     continue
+                if lender is not None:
+                    # On a ROUTER the sender's id comes first; this replica
+                    # starts on the message now, which frees a credit.
+                    sender = head.bytes
+                    head = sock.recv(NOBLOCK, copy=False)
+                    lender.took(sender, wanted_at)
                 # Only arrays make more frames; a one-frame message skips the
                 # multipart machinery (the common, small case).
                 frames = [head, *sock.recv_multipart(copy=False)] if head.more else [head]

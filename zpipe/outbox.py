@@ -1,4 +1,5 @@
-"""A replica's output: items batched onto its PUSH socket, never dropped.
+"""A replica's output: items batched onto its PUSH (or, into a replicated stage,
+ROUTER) socket, never dropped.
 
 Small items travel several to a message when a link is busy. An output that
 follows the previous flush by more than IDLE_GAP leaves at once (no latency
@@ -7,6 +8,7 @@ on an idle link); otherwise it waits at most BATCH_WAIT for others to join it.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from typing import Any
@@ -14,14 +16,15 @@ from typing import Any
 import zmq
 
 from . import codec
+from .balance import Dispatcher
 from .control import Control, SourceStopped
 from .errors import EncodeError
 from .inbox import IDLE_POLL_MS, Inbox
 from .transport import NOBLOCK
 
 BATCH_ITEMS = 1000
-# ZeroMQ spreads messages, not items, over replicas: into a replicated stage,
-# small batches keep the work spread evenly.
+# Credits count messages, not items (see balance.py): into a replicated stage,
+# small batches keep the work a replica holds, and so the work spread, even.
 BATCH_ITEMS_REPLICATED = 4
 # Large items gain nothing from sharing a message, and what a link holds is
 # about hwm messages: this keeps that near hwm x 64 kB for small items.
@@ -47,7 +50,8 @@ class Outbox:
     """
 
     def __init__(self, sock: zmq.Socket | None, control: Control, source: bool,
-                 number_outputs: bool = False, ordered_by: Inbox | None = None):
+                 number_outputs: bool = False, ordered_by: Inbox | None = None,
+                 dispatcher: Dispatcher | None = None):
         self.sock = sock
         self.control = control
         self.source = source
@@ -66,8 +70,12 @@ class Outbox:
         self.downstream = ""
         self.batch_items = BATCH_ITEMS
         if sock is not None:
+            # Sends one message without waiting; False when downstream has no room now.
+            self.try_send = dispatcher.send if dispatcher is not None else \
+                functools.partial(_send, sock)
             self.poller = zmq.Poller()
-            self.poller.register(sock, zmq.POLLOUT)
+            # Room downstream shows as POLLOUT on a PUSH, as a credit coming in on a ROUTER.
+            self.poller.register(sock, zmq.POLLIN if dispatcher is not None else zmq.POLLOUT)
             self.poller.register(control.sock, zmq.POLLIN)
             self.flusher = Flusher(self)
             self.flusher.start()
@@ -169,10 +177,7 @@ class Outbox:
 
     def _send_now(self, frames: list[Any], count: int) -> None:
         """Send one message of ``count`` items, blocking while downstream is full."""
-        assert self.sock is not None
-        try:
-            _send(self.sock, frames)
-        except zmq.Again:
+        if not self.try_send(frames):
             self._send_blocking(frames)
         self.sent += count
         # Taken after the send: a send that waited on a full link does not
@@ -190,9 +195,7 @@ class Outbox:
             assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
             if self.batch.encoded and now - self.oldest >= BATCH_WAIT:
-                try:
-                    _send(self.sock, self.batch.frames())
-                except zmq.Again:
+                if not self.try_send(self.batch.frames()):
                     return True  # downstream is full: the batch waits for the next look
                 self.sent += len(self.batch)
                 self.batch.clear()
@@ -210,26 +213,25 @@ class Outbox:
             self.flusher.stop()
 
     def _send_blocking(self, frames: list[Any]) -> None:
-        assert self.sock is not None
         while True:
             events = dict(self.poller.poll(IDLE_POLL_MS))
             if self.control.sock in events:
                 self.control.handle()
-            if self.sock in events:
-                try:
-                    _send(self.sock, frames)
-                    return
-                except zmq.Again:
-                    continue
+            if self.try_send(frames):
+                return
 
 
-def _send(sock: zmq.Socket, frames: list[Any]) -> None:
-    """Send without blocking (zmq.Again if full); arrays without a copy, small headers copied
+def _send(sock: zmq.Socket, frames: list[Any]) -> bool:
+    """Send without blocking (False if full); arrays without a copy, small headers copied
     (a copy is cheaper than tracking a zero-copy frame for a few hundred bytes)."""
-    if len(frames) == 1:
-        sock.send(frames[0], NOBLOCK)
-    else:
-        sock.send_multipart(frames, NOBLOCK, copy=False)
+    try:
+        if len(frames) == 1:
+            sock.send(frames[0], NOBLOCK)
+        else:
+            sock.send_multipart(frames, NOBLOCK, copy=False)
+    except zmq.Again:
+        return False
+    return True
 
 
 class Flusher(threading.Thread):

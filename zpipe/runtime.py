@@ -24,7 +24,7 @@ from typing import Callable
 
 import zmq
 
-from . import codec, protocol, transport
+from . import balance, codec, protocol, transport
 from .control import Aborted, Control, SourceStopped
 from .inbox import Inbox, Reorder
 from .outbox import BATCH_ITEMS_REPLICATED, Outbox
@@ -138,6 +138,7 @@ class Replica:
         self.replica = replica
         self.name = f"{callee.stage}-{replica}"
         self.wiring = wiring
+        self.replicas = replicas
         self.body = Body(callee, replica, replicas)
         self.ctx = ctx
         self.control: Control | None = None
@@ -165,22 +166,30 @@ class Replica:
                          version=codec.PROTOCOL_VERSION)
             self.phase = "connect"
             if self.wiring.input is not None:
+                # Several replicas share the input's work by credits (see balance.py).
+                balanced = self.replicas > 1
                 pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm, curve,
-                                      self.wiring.input_max_size)
+                                      self.wiring.input_max_size, balanced)
                 sockets.append(pull)
-                self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm)
+                self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm,
+                                   balance.Lender(pull, self.wiring.input_hwm) if balanced else None)
                 if self.wiring.reorder:
                     self.inbox.reorder = Reorder()
-            push = None
-            if self.wiring.downstream:
-                push = transport.push(self.ctx, self.wiring.downstream, self.wiring.downstream_hwm,
-                                      control.handle, self.wiring.connect_timeout, curve)
+            push = dispatcher = None
+            downstream = self.wiring.downstream
+            if downstream:
+                balanced = len(downstream) > 1
+                push = transport.push(self.ctx, downstream, self.wiring.downstream_hwm,
+                                      control.handle, self.wiring.connect_timeout, curve, balanced)
                 sockets.append(push)
+                if balanced:
+                    dispatcher = balance.Dispatcher(push, len(downstream))
             self.outbox = Outbox(push, control, source=self.inbox is None,
                                  number_outputs=self.wiring.number_outputs,
-                                 ordered_by=self.inbox if self.wiring.ordered else None)
+                                 ordered_by=self.inbox if self.wiring.ordered else None,
+                                 dispatcher=dispatcher)
             self.outbox.max_size = self.wiring.downstream_max_size
-            if len(self.wiring.downstream) > 1:
+            if dispatcher is not None:
                 self.outbox.batch_items = BATCH_ITEMS_REPLICATED
             self.outbox.downstream = self.wiring.downstream_name
             if self.inbox is not None:

@@ -1,8 +1,9 @@
 """ZeroMQ sockets as zpipe uses them: every one with a finite LINGER and HWMs.
 
 Each replica binds a PULL socket on its own input address; upstream replicas
-connect a PUSH socket to every replica of the next stage, which spreads items
-round-robin over them and blocks when all are full (backpressure).
+connect a PUSH socket to every replica of the next stage, which blocks when it
+is full (backpressure). Into a stage with several replicas both ends are
+ROUTER sockets instead, and credits spread the work (see balance.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ LINGER_MS = 1000
 # (about 1 us) wherever a flag is combined or tested; plain ints do not.
 NOBLOCK = int(zmq.NOBLOCK)
 POLLIN = int(zmq.POLLIN)
+SNDMORE = int(zmq.SNDMORE)
 
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int | None = None) -> zmq.Socket:
@@ -38,14 +40,19 @@ def _socket(ctx: zmq.Context, kind: int, hwm: int | None = None) -> zmq.Socket:
     return sock
 
 
+def peer_id(replica: int) -> bytes:
+    """The routing id of an upstream ROUTER's connection to downstream ``replica``."""
+    return str(replica).encode()
+
+
 def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None,
-         max_size: int | None = None) -> zmq.Socket:
-    """A stage replica's input, bound on its own address.
+         max_size: int | None = None, balanced: bool = False) -> zmq.Socket:
+    """A stage replica's input, bound on its own address: PULL, or ROUTER if ``balanced``.
 
     ``max_size`` caps each frame (ZMQ_MAXMSGSIZE): ZeroMQ drops a peer that
     sends more, so zpipe's own senders check it before sending.
     """
-    sock = _socket(ctx, zmq.PULL, hwm)
+    sock = _socket(ctx, zmq.ROUTER if balanced else zmq.PULL, hwm)
     if max_size is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_size)
     if curve is not None:
@@ -59,15 +66,20 @@ def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None,
 
 
 def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
-         on_idle: Callable[[], None], timeout: float, curve: Curve | None = None) -> zmq.Socket:
-    """A stage replica's output, connected to every replica of the next stage.
+         on_idle: Callable[[], None], timeout: float, curve: Curve | None = None,
+         balanced: bool = False) -> zmq.Socket:
+    """A stage replica's output, connected to every replica of the next stage:
+    PUSH, or if ``balanced`` a ROUTER that names each connection ``peer_id(replica)``.
 
     Returns only once a handshake with each of them has completed: this is what
     avoids the slow-joiner burst (a source starts only once every replica
     downstream is really connected). ``on_idle`` runs about every 100 ms and
     may raise to give up; after ``timeout`` seconds TimeoutError is raised.
     """
-    sock = _socket(ctx, zmq.PUSH, hwm)
+    sock = _socket(ctx, zmq.ROUTER if balanced else zmq.PUSH, hwm)
+    if balanced:
+        # At the HWM a ROUTER drops what it is given; this makes it say Again instead.
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
     if curve is not None:
         curve.client(sock)
     # The monitor must watch before the first connect, or a fast handshake
@@ -78,7 +90,9 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
     # inproc links (threads) have no handshake, and need none: connecting is immediate.
     expected = sum(not address.startswith("inproc://") for address in addresses)
     try:
-        for address in addresses:
+        for replica, address in enumerate(addresses):
+            if balanced:
+                sock.setsockopt(zmq.CONNECT_ROUTING_ID, peer_id(replica))
             sock.connect(address)
         while len(connected) < expected:
             if monitor.poll(100):
