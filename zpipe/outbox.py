@@ -20,7 +20,7 @@ from .balance import Dispatcher
 from .control import Control, SourceStopped
 from .errors import EncodeError
 from .inbox import IDLE_POLL_MS, Inbox
-from .transport import NOBLOCK
+from .transport import NOBLOCK, send_frame
 
 BATCH_ITEMS = 1000
 # Credits count messages, not items (see balance.py): into a replicated stage,
@@ -226,7 +226,7 @@ def _send(sock: zmq.Socket, frames: list[Any]) -> bool:
     (a copy is cheaper than tracking a zero-copy frame for a few hundred bytes)."""
     try:
         if len(frames) == 1:
-            sock.send(frames[0], NOBLOCK)
+            send_frame(sock, frames[0], NOBLOCK)
         else:
             sock.send_multipart(frames, NOBLOCK, copy=False)
     except zmq.Again:
