@@ -126,7 +126,7 @@ class Work(zpipe.Stage):
     def setup(self):
         try:
             os.close(os.open(self.claim, os.O_CREAT | os.O_EXCL))
-            self.delay = 0.02
+            self.delay = 0.05
         except FileExistsError:
             self.delay = 0.0
 
@@ -143,7 +143,7 @@ def record(items: Iterable, path):
 
 
 def test_a_slow_replica_gets_little_of_the_work(project):
-    # Round-robin would give each replica 200 items: 4 s for the slow one.
+    # Round-robin would give each replica 200 items: 10 s for the slow one.
     project.pipeline(toml(
         'name = "source"\nrun = "stages:numbers"\nparams = { count = 400 }',
         'name = "work"\nrun = "stages:Work"\nreplicas = 2\nparams = { claim = "slow.claim" }',
