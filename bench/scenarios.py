@@ -200,4 +200,4 @@ def backpressure_rss(count: int, nbytes: int, delay: float, hwm: int) -> dict:
             raise RuntimeError(f"backpressure run: status {status}, {len(samples)} samples:\n"
                                + child.tail(30))
     return {"start_mb": samples[0], "max_mb": max(samples), "end_mb": samples[-1],
-            "samples": len(samples)}
+            "samples_mb": samples}

@@ -184,6 +184,12 @@ def memory(n: dict) -> list[Row]:
                     f"start {megabytes(result['start_mb'])} (same relay)",
                     f"+{growth:.1f} MB", "<= +50 MB", "PASS" if growth <= 50 else "FAIL",
                     {**result, "growth_mb": growth}))
+    # Flat, not leaking: the second half of the run climbs no higher than the first.
+    samples = result["samples_mb"]
+    first, second = max(samples[:len(samples) // 2]), max(samples[len(samples) // 2:])
+    rows.append(Row("same, max RSS in the run's 2nd half", megabytes(second),
+                    f"{megabytes(first)} (1st half)", f"{second - first:+.1f} MB",
+                    data={"first_half_mb": first, "second_half_mb": second}))
     return rows
 
 

@@ -229,26 +229,29 @@ def record(items: Iterable):
 """
 
 
-def secure_pipeline(project, count: int) -> tuple[int, int]:
+def secure_pipeline(project, count: int, replicas: int = 1) -> tuple[int, int]:
     import subprocess
     import sys
 
-    from test_launcher import free_ports, toml
+    from test_launcher import toml
 
-    control, relay = free_ports(2)
+    control, relay = _port_pairs(2)
     keys = subprocess.run([sys.executable, "-m", "zpipe", "keys", str(project.root / "keys")],
                           capture_output=True, text=True, timeout=60)
     assert keys.returncode == 0 and "client.key_secret" in keys.stdout
     project.pipeline(toml(
         f'name = "source"\nrun = "stages:numbers"\nparams = {{ count = {count} }}',
-        f'name = "relay"\nrun = "stages:relay"\naddress = "tcp://127.0.0.1:{relay}"',
+        f'name = "relay"\nrun = "stages:relay"\naddress = "tcp://127.0.0.1:{relay}"\n'
+        f'replicas = {replicas}',
         'name = "sink"\nrun = "stages:record"',
         extra=f'control = "tcp://127.0.0.1:{control}"\nkeys = "keys"'), SECURE_STAGES)
     return control, relay
 
 
-def test_curve_keys_encrypt_and_keep_strangers_out(project):
-    """With keys, a peer without them (or with others) can neither inject nor connect."""
+@pytest.mark.parametrize("replicas", [1, 2], ids=["push-pull", "credits"])
+def test_curve_keys_encrypt_and_keep_strangers_out(project, replicas):
+    """With keys, a peer without them (or with others) can neither inject nor connect,
+    whether the relay's input is a PULL (one replica) or a ROUTER (two)."""
     import json
     import subprocess
     import sys
@@ -257,13 +260,15 @@ def test_curve_keys_encrypt_and_keep_strangers_out(project):
     import zmq
     import zmq.auth
 
-    _, relay = secure_pipeline(project, 300)
+    _, relay = secure_pipeline(project, 300, replicas)
     ctx = zmq.Context()
     strangers = []
-    # One stranger with no keys at all, one with a key pair of its own.
-    plain = ctx.socket(zmq.PUSH)
+    # One stranger with no keys at all, one with a key pair of its own, each
+    # of a type the input would talk to.
+    kind = zmq.PUSH if replicas == 1 else zmq.DEALER
+    plain = ctx.socket(kind)
     strangers.append(plain)
-    forged = ctx.socket(zmq.PUSH)
+    forged = ctx.socket(kind)
     public, secret = zmq.auth.create_certificates(project.root, "stranger")
     forged.curve_publickey, forged.curve_secretkey = zmq.auth.load_certificate(secret)
     forged.curve_serverkey = zmq.auth.load_certificate(project.root / "keys" / "server.key")[0]
@@ -273,13 +278,15 @@ def test_curve_keys_encrypt_and_keep_strangers_out(project):
     try:
         for sock in strangers:
             sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(f"tcp://127.0.0.1:{relay}")
+            for replica in range(replicas):
+                sock.connect(f"tcp://127.0.0.1:{relay + replica}")
+        injected = msgpack.packb([PROTOCOL_VERSION, ["injected"]])  # a well-formed message
         sent = 0
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and launcher.poll() is None:
             for sock in strangers:
                 try:
-                    sock.send(b"\x92\x01\x91\xa8injected", zmq.NOBLOCK)  # [1, ["injected"]]
+                    sock.send(injected, zmq.NOBLOCK)
                     sent += 1
                 except zmq.Again:
                     pass  # no handshake, no pipe: nothing can go through
@@ -291,7 +298,7 @@ def test_curve_keys_encrypt_and_keep_strangers_out(project):
             sock.close()
         ctx.term()
     assert launcher.returncode == 0, err
-    assert json.loads(project.read("out.txt")) == list(range(300))
+    assert sorted(json.loads(project.read("out.txt"))) == list(range(300))  # replicas reorder
     assert "stage 'relay' finished: 300 in, 300 out" in err
     assert "malformed" not in err
 
