@@ -163,7 +163,9 @@ def replicas(n: dict) -> list[Row]:
             Row("same, median of the ratios run by run", "-", ratio=f"{paired:.2f}x",
                 data={"ratio": paired}),
             Row("same: one replica idle, the other busy, at the end", f"{tail * 1e3:.0f} ms",
-                f"of {n['replicas'] / two:.2f} s in all (median)", data={"runs": tails})]
+                f"median of {len(tails)} run{'s' * (len(tails) != 1)}, each about "
+                f"{n['replicas'] / two:.2f} s",
+                data={"runs": tails})]
 
 
 def memory(n: dict) -> list[Row]:
