@@ -28,7 +28,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from .transport import NOBLOCK, POLLIN, SNDMORE, peer_id
+from .transport import NOBLOCK, POLLIN, SNDMORE, peer_id, send_frame
 
 FIRST_CREDITS = 2
 MIN_WINDOW = 1      # always one message waiting: the next starts without a round trip
@@ -58,7 +58,7 @@ class Dispatcher:
             if replica is None:
                 return False
         try:
-            self.sock.send(self.peers[replica], _MORE_NOBLOCK)
+            send_frame(self.sock, self.peers[replica], _MORE_NOBLOCK)
         except zmq.Again:
             # Its queue is at the HWM (ROUTER_MANDATORY: rather than dropped),
             # which credits reach only under a very low hwm: the message
@@ -66,7 +66,7 @@ class Dispatcher:
             return False
         self.credits[replica] -= 1
         if len(frames) == 1:
-            self.sock.send(frames[0], NOBLOCK)
+            send_frame(self.sock, frames[0], NOBLOCK)
         else:
             self.sock.send_multipart(frames, NOBLOCK, copy=False)
         return True
