@@ -138,7 +138,6 @@ class Replica:
         self.replica = replica
         self.name = f"{callee.stage}-{replica}"
         self.wiring = wiring
-        self.replicas = replicas
         self.body = Body(callee, replica, replicas)
         self.ctx = ctx
         self.control: Control | None = None
@@ -167,7 +166,7 @@ class Replica:
             self.phase = "connect"
             if self.wiring.input is not None:
                 # Several replicas share the input's work by credits (see balance.py).
-                balanced = self.replicas > 1
+                balanced = self.body.replicas > 1
                 pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm, curve,
                                       self.wiring.input_max_size, balanced)
                 sockets.append(pull)
