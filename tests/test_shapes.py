@@ -436,6 +436,49 @@ def test_resolve_without_base_dir(isolated_imports):
     assert callee.shape is Shape.PLAIN
 
 
+
+# --- whatever a module does on import, a ConfigError naming it (but Ctrl-C) -----------------
+
+@pytest.mark.parametrize("code, shown", [("5", "sys.exit(5)"), ("'bye'", "sys.exit('bye')"),
+                                          ("", "sys.exit(None)")])
+def test_module_calling_sys_exit_on_import(module_dir, code, shown):
+    module_dir("exits_mod", f"import sys\nsys.exit({code})\n")
+    with pytest.raises(ConfigError) as info:
+        shapes.import_target("exits_mod:f", module_dir.folder, WHERE)
+    message = str(info.value)
+    assert "stage 'st'" in message and "field 'run'" in message
+    assert "module 'exits_mod'" in message and shown in message
+    assert "exits_mod" not in sys.modules  # the failed import left nothing behind
+
+
+def test_module_raising_a_base_exception_on_import(module_dir):
+    module_dir("base_exc_mod", "class Odd(BaseException):\n    pass\nraise Odd('strange')\n")
+    with pytest.raises(ConfigError, match=r"stage 'st'.*importing 'base_exc_mod' failed: "
+                                          r"Odd: strange"):
+        shapes.import_target("base_exc_mod:f", module_dir.folder, WHERE)
+
+
+def test_ctrl_c_during_import_is_not_a_config_error(module_dir):
+    module_dir("interrupted_mod", "raise KeyboardInterrupt\n")
+    with pytest.raises(KeyboardInterrupt):
+        shapes.import_target("interrupted_mod:f", module_dir.folder, WHERE)
+
+
+def test_import_timeout_passes_through(module_dir):
+    # preflight.time_limit raises it inside a blocked import and reports it itself.
+    module_dir("timed_out_mod", "from zpipe.shapes import ImportTimeout\n"
+                                "raise ImportTimeout('late')\n")
+    with pytest.raises(shapes.ImportTimeout):
+        shapes.import_target("timed_out_mod:f", module_dir.folder, WHERE)
+
+
+def test_module_getattr_raising(module_dir):
+    module_dir("lazy_mod", "def __getattr__(name):\n    raise RuntimeError('no ' + name)\n")
+    with pytest.raises(ConfigError, match=r"field 'run': reading 'f' of module 'lazy_mod' "
+                                          r"failed: RuntimeError: no f"):
+        shapes.import_target("lazy_mod:f", module_dir.folder, WHERE)
+
+
 # --- source replicas -----------------------------------------------------------------------
 
 def sharded(replica, replicas, count=10):

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-import tempfile
-
-from typing import Any
+import threading
+from typing import Any, NoReturn
 
 import click
 
-from .config import apply_environment, load
+from .config import MAX_SECONDS, apply_environment, load
 from .errors import ConfigError
 
 # Each command imports the core it calls when it runs: `zpipe stage`, which
@@ -20,9 +20,38 @@ from .errors import ConfigError
 EXIT_BAD_INPUT = 2
 
 
-def _fail(exc: ConfigError) -> None:
+def _fail(exc: ConfigError) -> NoReturn:
     click.echo(f"zpipe: error: {exc}", err=True)
-    sys.exit(EXIT_BAD_INPUT)
+    _exit(EXIT_BAD_INPUT)
+
+
+def _exit(status: int) -> NoReturn:
+    """Exit with ``status``, even when a stage module imported for the check left a thread.
+
+    `validate` and `launch` import every stage's module in this process. One
+    that started a non-daemon thread on import (or whose import was cut short
+    while it ran one) would keep the interpreter from exiting for ever; then
+    leave at once instead, after flushing what was printed.
+    """
+    lingering = [t for t in threading.enumerate()
+                 if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if not lingering:
+        sys.exit(status)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _seconds_option(ctx: click.Context, param: click.Parameter, value: float | None
+                    ) -> float | None:
+    # FloatRange lets nan and inf through (nan fails every comparison).
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise click.BadParameter(f"must be a number of seconds > 0 and at most "
+                                 f"{MAX_SECONDS:g} (got {value})")
+    return value
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -33,7 +62,7 @@ def main() -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--grace", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--grace", type=float, default=None, callback=_seconds_option,
               help="Seconds to let items in flight drain after Ctrl-C or SIGTERM "
                    "(default: [pipeline] grace, else 5).")
 def launch(file: str, grace: float | None) -> None:
@@ -43,7 +72,7 @@ def launch(file: str, grace: float | None) -> None:
         outcome = launcher.launch(file, grace=grace)
     except ConfigError as exc:
         _fail(exc)
-    sys.exit(outcome.exit_code)
+    _exit(outcome.exit_code)
 
 
 @main.command()
@@ -51,14 +80,17 @@ def launch(file: str, grace: float | None) -> None:
 def validate(file: str) -> None:
     """Check FILE, its imports and params without running anything; print the plan."""
     from . import launcher
+    from .config import placeholder_runtime_dir
     try:
         spec = load(file)
         callees = launcher.check(spec)
+        # As long as the folder launch will make, so that both see the same ipc paths.
+        plan = launcher.describe_plan(spec, callees, placeholder_runtime_dir(spec.name))
     except ConfigError as exc:
         _fail(exc)
-    runtime = f"{tempfile.gettempdir()}/zpipe-{spec.name}-XXXX"
-    click.echo(launcher.describe_plan(spec, callees, runtime))
+    click.echo(plan)
     click.echo("ok")
+    _exit(0)
 
 
 @main.command()
@@ -79,7 +111,7 @@ def stage(file: str, name: str, replica: int) -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--grace", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--grace", type=float, default=None, callback=_seconds_option,
               help="Seconds to let items in flight drain after Ctrl-C or SIGTERM.")
 def supervise(file: str, grace: float | None) -> None:
     """Run only the supervisor of FILE, for replicas started elsewhere (containers, hosts).

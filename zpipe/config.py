@@ -6,7 +6,12 @@ reported as a ConfigError naming the file, the stage and the field.
 
 from __future__ import annotations
 
+import math
+import os
 import re
+import reprlib
+import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,9 +23,47 @@ DEFAULT_HWM = 100
 DEFAULT_GRACE = 5.0
 DEFAULT_STARTUP_TIMEOUT = 60.0
 
-NAME_RE = re.compile(r"[A-Za-z0-9_-]+")
+# -- limits ---------------------------------------------------------------------------------
+# Every value past these either breaks something below zpipe (C ints in ZeroMQ,
+# Unix socket paths, routing ids) or asks one host for more than it can give;
+# from_dict refuses it with a message that states the limit.
+
+# Pipeline and stage names: a replica's name (NAME-R) is its ZeroMQ routing id
+# (at most 255 bytes), the pipeline's name is part of the runtime folder's path
+# (which must leave room under MAX_IPC_PATH), and stage names are passed on
+# command lines and printed before every output line.
+MAX_NAME_LENGTH = 64
+# Every replica is a process; the launcher holds a few file descriptors per
+# replica and a replica connects to every replica of the next stage. 256 per
+# stage and 1024 in all is far past what one host runs usefully.
+MAX_REPLICAS = 256
+MAX_TOTAL_REPLICAS = 1024
+# SNDHWM/RCVHWM are C ints in ZeroMQ (2**31 overflows), and a link may hold
+# about hwm x 64 kB: a million messages is already far more than memory holds.
+MAX_HWM = 1_000_000
+# ZMQ_MAXMSGSIZE is an int64; a terabyte per frame is past any real item.
+MAX_MESSAGE_SIZE = 2**40
+# Seconds are used as deadlines and ZeroMQ timeouts in milliseconds (C ints:
+# about 24 days) and thread waits; a week is past any sensible drain or start.
+MAX_SECONDS = 7 * 24 * 3600.0
+# The supervisor sees items move only through each replica's heartbeat, sent
+# once a second (runtime.HEARTBEAT_INTERVAL): a shorter inactivity_timeout
+# would fire while items flow.
+MIN_INACTIVITY_TIMEOUT = 2.0
+# A Unix socket path (sun_path) holds 108 bytes on Linux, 104 elsewhere,
+# including the final NUL; ZeroMQ refuses a longer ipc path.
+MAX_IPC_PATH = 107 if sys.platform.startswith("linux") else 103
+# tempfile.mkdtemp appends this many random characters to its prefix.
+MKDTEMP_RANDOM_CHARS = 8
+MAX_HOST_LENGTH = 253  # a DNS name
+
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+NAME_RULE = (f"must use letters, digits, '-' and '_', not start with '-', and have at most "
+             f"{MAX_NAME_LENGTH} characters")
 RUN_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
-TCP_RE = re.compile(r"tcp://(?P<host>[^:/]+|\[[0-9a-fA-F:]+\]):(?P<port>\d+)")
+# Hosts: a DNS name or IPv4 address (with {replica}), or an IPv6 address in
+# brackets. ASCII digits only in ports ("\d" would take other scripts' digits).
+TCP_RE = re.compile(r"tcp://(?P<host>[A-Za-z0-9._{}-]+|\[[0-9A-Za-z:.%]+\]):(?P<port>[0-9]{1,5})")
 
 REPLICA = "{replica}"
 PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout",
@@ -92,15 +135,33 @@ def load(path: str | Path) -> PipelineSpec:
     """Read and validate a pipeline.toml (syntax and fields; imports are checked elsewhere)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the path
+        raise ConfigError(f"{path!r}: cannot read: {exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"{path}: not UTF-8, as a TOML file must be: byte "
+                          f"0x{raw[exc.start]:02x} at line {line}, column {column}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:
+        # tomllib parses nested arrays and inline tables recursively.
+        raise ConfigError(f"{path}: invalid TOML: arrays or inline tables nested too deeply "
+                          f"for the parser") from None
+    except Exception as exc:  # noqa: BLE001 - tomllib's other failures, e.g. ValueError
+        # for an integer of more than 4300 digits: still the file's fault.
+        detail = "an integer too long to read" if "digits" in str(exc) else \
+            f"{type(exc).__name__}: {exc}"
+        raise ConfigError(f"{path}: invalid TOML: {detail}") from None
     return from_dict(data, where=str(path), base_dir=path.resolve().parent, path=path)
 
 
@@ -111,41 +172,41 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
     ``targets``, one per stage, are the callables themselves for a pipeline
     declared in Python; each stage's ``run`` is then only a label.
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: a pipeline is a table with [pipeline] and [[stages]] "
+                          f"(got {type(data).__name__})")
     _check_keys(data, {"pipeline", "stages"}, where)
     pipeline = data.get("pipeline")
     if not isinstance(pipeline, dict):
         raise ConfigError(f"{where}: missing [pipeline] table (with at least name = \"...\")")
     _check_keys(pipeline, PIPELINE_KEYS, f"{where}: [pipeline]")
     name = pipeline.get("name")
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: [pipeline] name is required and must use letters, digits, "
-                          f"'-' and '_' (got {name!r})")
-    hwm = _positive_int(pipeline, "hwm", DEFAULT_HWM, f"{where}: [pipeline]")
+    if not _good_name(name):
+        raise ConfigError(f"{where}: [pipeline] name is required and {NAME_RULE} "
+                          f"({_got_name(name)})")
+    at = f"{where}: [pipeline]"
+    hwm = _whole_number(pipeline, "hwm", DEFAULT_HWM, at, MAX_HWM)
     max_size = pipeline.get("max_message_size")
     if max_size is not None:
-        max_size = _positive_int(pipeline, "max_message_size", 0, f"{where}: [pipeline]")
-    grace = _positive_number(pipeline, "grace", DEFAULT_GRACE, f"{where}: [pipeline]")
-    startup = _positive_number(pipeline, "startup_timeout", DEFAULT_STARTUP_TIMEOUT,
-                               f"{where}: [pipeline]")
+        max_size = _whole_number(pipeline, "max_message_size", 0, at, MAX_MESSAGE_SIZE)
+    grace = _seconds(pipeline, "grace", DEFAULT_GRACE, at)
+    startup = _seconds(pipeline, "startup_timeout", DEFAULT_STARTUP_TIMEOUT, at)
     inactivity = pipeline.get("inactivity_timeout")
     if inactivity is not None:
-        inactivity = _positive_number(pipeline, "inactivity_timeout", 0, f"{where}: [pipeline]")
+        inactivity = _seconds(pipeline, "inactivity_timeout", 0, at, MIN_INACTIVITY_TIMEOUT)
     control = pipeline.get("control")
     if control is not None:
         _check_tcp(control, f"{where}: [pipeline] control")
     keys = pipeline.get("keys")
     if keys is not None:
-        if not isinstance(keys, str):
-            raise ConfigError(f"{where}: [pipeline] field 'keys' must be a folder (got {keys!r})")
-        keys = (base_dir or Path.cwd()) / keys
-        missing = [n for n in ("server.key_secret", "client.key_secret") if not (keys / n).exists()]
-        if missing:
-            raise ConfigError(f"{where}: [pipeline] field 'keys': {keys} lacks {', '.join(missing)}"
-                              f" (make them with `zpipe keys {keys}`)")
+        keys = _keys_folder(keys, base_dir, at)
 
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
         raise ConfigError(f"{where}: no stages: add at least one [[stages]] table")
+    if len(raw_stages) > MAX_TOTAL_REPLICAS:  # every stage has at least one replica
+        raise ConfigError(f"{where}: {len(raw_stages)} stages, more than the limit of "
+                          f"{MAX_TOTAL_REPLICAS} replicas in a pipeline")
     stages = []
     seen: set[str] = set()
     for position, raw in enumerate(raw_stages, start=1):
@@ -156,10 +217,44 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
                               f"(stage #{position} reuses it)")
         seen.add(stage.name)
         stages.append(stage)
+    total = sum(stage.replicas for stage in stages)
+    if total > MAX_TOTAL_REPLICAS:
+        largest = sorted(stages, key=lambda s: -s.replicas)[:3]
+        raise ConfigError(f"{where}: {total} replicas in all, more than the limit of "
+                          f"{MAX_TOTAL_REPLICAS} replicas in a pipeline (largest: "
+                          + ", ".join(f"{s.name!r} {s.replicas}" for s in largest) + ")")
     check_order(stages, where)
     return PipelineSpec(name=name, stages=tuple(stages), hwm=hwm, grace=grace, control=control,
                         startup_timeout=startup, inactivity_timeout=inactivity, keys=keys,
                         base_dir=base_dir, path=path)
+
+
+# The fields of a loaded spec that zpipe.run may change (``with_overrides``).
+OVERRIDABLE = ("grace", "startup_timeout", "inactivity_timeout")
+
+
+def with_overrides(spec: PipelineSpec, **changes: Any) -> PipelineSpec:
+    """``spec`` with some [pipeline] settings changed, validated as the file's would be.
+
+    For ``zpipe.run(spec, grace=..., inactivity_timeout=...)``: a bare
+    ``dataclasses.replace`` would let nan, inf or a too short
+    inactivity_timeout past the checks of from_dict. ``inactivity_timeout=None``
+    turns it off. Unknown field names are a TypeError (a programming error),
+    bad values a ConfigError naming the field, the value and the limit.
+    """
+    unknown = sorted(set(changes) - set(OVERRIDABLE))
+    if unknown:
+        raise TypeError(f"with_overrides: cannot change {', '.join(unknown)} "
+                        f"(only {', '.join(OVERRIDABLE)})")
+    at = f"{spec.where}: [pipeline]"
+    values: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key == "inactivity_timeout":
+            values[key] = None if value is None else _seconds(changes, key, 0, at,
+                                                              MIN_INACTIVITY_TIMEOUT)
+        else:
+            values[key] = _seconds(changes, key, 0, at)
+    return replace(spec, **values) if values else spec
 
 
 def check_order(stages: list[StageSpec], where: str) -> None:
@@ -187,33 +282,34 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any,
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: stage #{position} must be a table ([[stages]])")
     name = raw.get("name")
-    label = f"stage #{position}" if not isinstance(name, str) else f"stage {name!r}"
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: {label}: field 'name' is required and must use letters, "
-                          f"digits, '-' and '_' (got {name!r})")
+    label = f"stage {name!r}" if isinstance(name, str) and len(name) <= MAX_NAME_LENGTH \
+        else f"stage #{position}"
+    if not _good_name(name):
+        raise ConfigError(f"{where}: {label}: field 'name' is required and {NAME_RULE} "
+                          f"({_got_name(name)})")
     _check_keys(raw, STAGE_KEYS, f"{where}: {label}")
     run = raw.get("run")
     if target is None and (not isinstance(run, str) or not RUN_RE.fullmatch(run)):
         raise ConfigError(f"{where}: {label}: field 'run' must be \"module:attribute\", "
-                          f"for example \"stages:square\" (got {run!r})")
+                          f"for example \"stages:square\" (got {_shown(run)})")
     params = raw.get("params", {})
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: {label}: field 'params' must be a table of keyword "
                           f"arguments (got {type(params).__name__})")
-    replicas = _positive_int(raw, "replicas", 1, f"{where}: {label}")
-    hwm = _positive_int(raw, "hwm", default_hwm, f"{where}: {label}")
+    replicas = _whole_number(raw, "replicas", 1, f"{where}: {label}", MAX_REPLICAS)
+    hwm = _whole_number(raw, "hwm", default_hwm, f"{where}: {label}", MAX_HWM)
     stream = raw.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise ConfigError(f"{where}: {label}: field 'stream' must be true or false "
-                          f"(got {stream!r})")
+                          f"(got {_shown(stream)})")
     max_size = raw.get("max_message_size", default_max_size)
     if max_size is not None:
-        max_size = _positive_int({"max_message_size": max_size}, "max_message_size", 0,
-                                 f"{where}: {label}")
+        max_size = _whole_number({"max_message_size": max_size}, "max_message_size", 0,
+                                 f"{where}: {label}", MAX_MESSAGE_SIZE)
     ordered = raw.get("ordered", False)
     if not isinstance(ordered, bool):
         raise ConfigError(f"{where}: {label}: field 'ordered' must be true or false "
-                          f"(got {ordered!r})")
+                          f"(got {_shown(ordered)})")
     address = raw.get("address")
     if address is not None:
         _check_tcp(address, f"{where}: {label}: field 'address'", replicas)
@@ -225,36 +321,93 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any,
                      max_message_size=max_size)
 
 
+def _good_name(name: Any) -> bool:
+    return isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and \
+        NAME_RE.fullmatch(name) is not None
+
+
+def _got_name(name: Any) -> str:
+    if isinstance(name, str) and len(name) > MAX_NAME_LENGTH:
+        return f"got {len(name)} characters: {_shown(name)}"
+    return f"got {_shown(name)}"
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlevel = 3
+
+
+def _shown(value: Any) -> str:
+    """A value for a message: cut short, whatever its size or depth (the file may be hostile)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        # repr() of an int of more than 4300 digits raises; past 39 digits, the size says it.
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        return _SHOWN.repr(value)
+    except Exception:  # noqa: BLE001 - a message must never fail
+        return f"a {type(value).__name__}"
+
+
+def _keys_folder(keys: Any, base_dir: Path | None, at: str) -> Path:
+    if not isinstance(keys, str) or not keys:
+        raise ConfigError(f"{at} field 'keys' must be a folder (got {_shown(keys)})")
+    folder = (base_dir or Path.cwd()) / keys
+    try:
+        missing = [n for n in ("server.key_secret", "client.key_secret")
+                   if not (folder / n).is_file()]
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        raise ConfigError(f"{at} field 'keys': cannot use {_shown(str(folder))}: {exc}") from None
+    if missing:
+        raise ConfigError(f"{at} field 'keys': {folder} lacks {', '.join(missing)}"
+                          f" (make them with `zpipe keys {folder}`)")
+    return folder
+
+
 def _check_keys(table: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(table) - allowed)
+    unknown = sorted(set(table) - allowed, key=str)
     if unknown:
-        raise ConfigError(f"{where}: unknown field {unknown[0]!r} "
+        raise ConfigError(f"{where}: unknown field {_shown(unknown[0])} "
                           f"(allowed: {', '.join(sorted(allowed))})")
 
 
-def _positive_int(table: dict[str, Any], key: str, default: int, where: str) -> int:
+def _whole_number(table: dict[str, Any], key: str, default: int, where: str,
+                  limit: int) -> int:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: field {key!r} must be a whole number >= 1 (got {value!r})")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ConfigError(f"{where}: field {key!r} must be a whole number >= 1 and at most "
+                          f"{limit:,} (got {_shown(value)})")
     return value
 
 
-def _positive_number(table: dict[str, Any], key: str, default: float, where: str) -> float:
+def _seconds(table: Mapping[str, Any], key: str, default: float, where: str,
+             minimum: float = 0.0) -> float:
+    """A finite number of seconds above 0 (at least ``minimum`` if given), at most MAX_SECONDS."""
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{where}: field {key!r} must be a number of seconds > 0 "
-                          f"(got {value!r})")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    # Compare before float(): an int too large for a float would raise OverflowError,
+    # and nan fails every comparison, so "not in range" catches it.
+    if not number or not (value > 0 and value >= minimum and value <= MAX_SECONDS):
+        low = f">= {minimum:g}" if minimum else "> 0"
+        why = ("; the supervisor sees progress only through the replicas' heartbeats, once "
+               "a second, so a shorter timeout would fire while items flow"
+               if number and 0 < value < minimum else "")
+        raise ConfigError(f"{where}: field {key!r} must be a number of seconds {low} and at "
+                          f"most {MAX_SECONDS:g} (a week) (got {_shown(value)}){why}")
     return float(value)
 
 
 def _check_tcp(address: Any, where: str, replicas: int = 1) -> None:
     match = TCP_RE.fullmatch(address) if isinstance(address, str) else None
     if not match or not 0 < int(match["port"]) < 65536:
-        raise ConfigError(f"{where} must be \"tcp://HOST:PORT\" (got {address!r})")
-    if "{" in match["host"].replace(REPLICA, "") or "}" in match["host"].replace(REPLICA, ""):
+        raise ConfigError(f"{where} must be \"tcp://HOST:PORT\" (got {_shown(address)})")
+    host = match["host"]
+    if len(host) > MAX_HOST_LENGTH:
+        raise ConfigError(f"{where}: the host has {len(host)} characters, more than the "
+                          f"{MAX_HOST_LENGTH} of a DNS name (got {_shown(address)})")
+    if "{" in host.replace(REPLICA, "") or "}" in host.replace(REPLICA, ""):
         raise ConfigError(f"{where}: the only placeholder a host may hold is {REPLICA} "
-                          f"(got {address!r})")
-    if REPLICA not in match["host"] and int(match["port"]) + replicas - 1 > 65535:
+                          f"(got {_shown(address)})")
+    if REPLICA not in host and int(match["port"]) + replicas - 1 > 65535:
         raise ConfigError(f"{where}: replica i uses port PORT+i, and {replicas} replicas from "
                           f"port {match['port']} go past 65535")
 
@@ -264,6 +417,9 @@ def plan_addresses(spec: PipelineSpec, runtime_dir: str | Path) -> Addresses:
 
     A stage with ``address = "tcp://HOST:PORT"`` gives replica i port PORT + i;
     with ``"tcp://NAME-{replica}:PORT"`` replica i is host NAME-i, port PORT.
+    An ipc socket is named by the stage's index and the replica (``RUNTIME/3-1``),
+    never by the stage's name, so that the path's length depends only on the
+    runtime folder (a Unix socket path holds at most MAX_IPC_PATH bytes).
     """
     runtime_dir = Path(runtime_dir)
     control = spec.control or f"ipc://{runtime_dir / 'control'}"
@@ -282,9 +438,43 @@ def plan_addresses(spec: PipelineSpec, runtime_dir: str | Path) -> Addresses:
                 inputs[stage.name] = tuple(f"tcp://{host}:{port + i}"
                                            for i in range(stage.replicas))
         else:
-            inputs[stage.name] = tuple(f"ipc://{runtime_dir / stage.replica_name(i)}"
+            inputs[stage.name] = tuple(f"ipc://{runtime_dir / f'{position}-{i}'}"
                                        for i in range(stage.replicas))
     return Addresses(control=control, inputs=inputs)
+
+
+def placeholder_runtime_dir(name: str) -> str:
+    """A stand-in for the runtime folder `zpipe launch` makes, exactly as long as it will be.
+
+    The launcher's folder is ``tempfile.mkdtemp(prefix=f"zpipe-{name}-")``:
+    the temporary folder, the prefix and MKDTEMP_RANDOM_CHARS random characters.
+    `zpipe validate` plans with this one, so that it refuses the same too long
+    ipc paths as launch would.
+    """
+    return os.path.join(tempfile.gettempdir(), f"zpipe-{name}-" + "X" * MKDTEMP_RANDOM_CHARS)
+
+
+def check_ipc_paths(spec: PipelineSpec, runtime_dir: str | Path) -> None:
+    """Raise ConfigError when an ipc address of the plan is longer than a Unix socket path may be.
+
+    Call it with the runtime folder the pipeline will use (before binding):
+    ZeroMQ would otherwise fail deep inside a replica with "File name too long".
+    """
+    addresses = plan_addresses(spec, runtime_dir)
+    every = [("the supervisor", addresses.control)] + [
+        (f"stage {name!r}", address) for name, stage_addresses in addresses.inputs.items()
+        for address in stage_addresses]
+    for owner, address in every:
+        if not address.startswith("ipc://"):
+            continue
+        path = address[len("ipc://"):]
+        size = len(os.fsencode(path))
+        if size > MAX_IPC_PATH:
+            raise ConfigError(
+                f"{spec.where}: the ipc socket of {owner}, {path}, is {size} bytes long, more "
+                f"than the {MAX_IPC_PATH} bytes a Unix socket path may have: the runtime folder "
+                f"{runtime_dir} is too long; set TMPDIR to a shorter folder (TMPDIR=/tmp), or "
+                f"give [pipeline] control and every stage after the first a tcp address")
 
 
 ENV_CONTROL = "ZPIPE_CONTROL"

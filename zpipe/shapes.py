@@ -50,30 +50,51 @@ class Callee:
         return f"{name} ({self.shape.value})"
 
 
+class ImportTimeout(BaseException):
+    """Raised inside a stage module's import when it overran its time (see zpipe.preflight).
+
+    A BaseException, so that the module's own ``except Exception`` does not
+    swallow it, and import_target lets it through rather than calling it the
+    module's failure.
+    """
+
+
 def import_target(run: str, base_dir: Path | None, where: str) -> Any:
-    """Import ``module:attribute``, the module looked up first in ``base_dir``."""
+    """Import ``module:attribute``, the module looked up first in ``base_dir``.
+
+    Whatever the module does on import, other than Ctrl-C, ends as a
+    ConfigError naming the module: an exception, and also ``sys.exit(N)``
+    (SystemExit), which would otherwise end the caller without a word.
+    """
     module_name, _, attr_path = run.partition(":")
-    if base_dir is not None:
-        base = str(base_dir)
-        if sys.path[:1] != [base]:
-            if base in sys.path:
-                sys.path.remove(base)
-            sys.path.insert(0, base)
-        top = module_name.split(".")[0]
-        local = importlib.machinery.PathFinder.find_spec(top, [base])
-        loaded = sys.modules.get(top)
-        if local is not None and loaded is not None and local.origin != getattr(loaded, "__file__", None):
-            raise ConfigError(f"{where}: field 'run': module {top!r} in {base} has the name of a "
-                              f"module Python has already loaded from elsewhere; rename it")
     try:
+        if base_dir is not None:
+            base = str(base_dir)
+            if sys.path[:1] != [base]:
+                if base in sys.path:
+                    sys.path.remove(base)
+                sys.path.insert(0, base)
+            top = module_name.split(".")[0]
+            local = importlib.machinery.PathFinder.find_spec(top, [base])
+            loaded = sys.modules.get(top)
+            if local is not None and loaded is not None and \
+                    local.origin != getattr(loaded, "__file__", None):
+                raise ConfigError(f"{where}: field 'run': module {top!r} in {base} has the name "
+                                  f"of a module Python has already loaded from elsewhere; "
+                                  f"rename it")
         module = importlib.import_module(module_name)
+    except (ConfigError, KeyboardInterrupt, ImportTimeout):
+        raise
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise ConfigError(f"{where}: field 'run': no module named {exc.name!r} "
                               f"(looked in {base_dir or 'sys.path'} and sys.path)") from None
         raise ConfigError(f"{where}: field 'run': importing {module_name!r} failed: "
                           f"ModuleNotFoundError: {exc}") from exc
-    except Exception as exc:
+    except SystemExit as exc:
+        raise ConfigError(f"{where}: field 'run': importing module {module_name!r} failed: "
+                          f"it called sys.exit({exc.code!r})") from None
+    except BaseException as exc:  # noqa: BLE001 - anything a module may raise (GeneratorExit...)
         raise ConfigError(f"{where}: field 'run': importing {module_name!r} failed: "
                           f"{type(exc).__name__}: {exc}") from exc
     target: Any = module
@@ -83,6 +104,9 @@ def import_target(run: str, base_dir: Path | None, where: str) -> Any:
         except AttributeError:
             raise ConfigError(f"{where}: field 'run': module {module_name!r} has no attribute "
                               f"{attr_path!r}") from None
+        except Exception as exc:  # noqa: BLE001 - a module __getattr__ or property may raise
+            raise ConfigError(f"{where}: field 'run': reading {attr_path!r} of module "
+                              f"{module_name!r} failed: {type(exc).__name__}: {exc}") from exc
     if not callable(target):
         raise ConfigError(f"{where}: field 'run': {run!r} is a {type(target).__name__}, "
                           f"not a function or class")
