@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 
 import msgpack
 import zmq
@@ -12,6 +13,7 @@ from zpipe import balance, codec, transport
 from zpipe.control import Control
 from zpipe.inbox import Inbox
 
+from conftest import wait_until
 from test_launcher import toml
 
 
@@ -107,6 +109,38 @@ def test_credits_that_are_not_credits_are_ignored():
         ctx.destroy(linger=0)
 
 
+def test_a_replica_that_has_gone_is_passed_over_not_an_error_of_the_sender():
+    """ROUTER_MANDATORY says EHOSTUNREACH for a peer whose connection is gone (an
+    inproc peer closed; over ipc and tcp ZeroMQ keeps the pipe for a reconnect):
+    the sender must not fail for it; the supervisor reports the dead replica."""
+    ctx = zmq.Context()
+    try:
+        dispatcher, (alive, gone) = _replicas(ctx, 2)
+        gone.sock.close(0)
+
+        def unreachable() -> bool:
+            try:
+                dispatcher.sock.send(transport.peer_id(1), zmq.SNDMORE | zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                return exc.errno == zmq.EHOSTUNREACH
+            dispatcher.sock.send(b"probe")  # the pipe is still there: end the message
+            return False
+        wait_until(unreachable, timeout=10, what="the closed replica to be unreachable")
+        got = []
+        for i in range(20):
+            while not dispatcher.send(codec.encode([i])):
+                assert alive._fill(block=True)
+                got += alive.buffer
+                alive.buffer.clear()
+        while alive._fill(block=False):
+            pass
+        got += alive.buffer
+        assert got == list(range(20))  # every one went to the replica that is there
+        assert dispatcher.credits[1] == 0
+    finally:
+        ctx.destroy(linger=0)
+
+
 STAGES = """
 import json, os, time
 from typing import Iterable
@@ -135,6 +169,12 @@ class Work(zpipe.Stage):
         return {"x": x, "slow": self.delay > 0}
 
 
+def die_at(x, bad):
+    if x == bad:
+        os.kill(os.getpid(), 9)
+    return x
+
+
 def record(items: Iterable, path):
     with open(path, "w") as out:
         for item in items:
@@ -154,3 +194,16 @@ def test_a_slow_replica_gets_little_of_the_work(project):
     assert sorted(i["x"] for i in items) == list(range(400))
     shares = collections.Counter(i["slow"] for i in items)
     assert shares[True] < 400 / 8, shares
+
+
+def test_a_dead_replica_is_what_gets_reported(project):
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 100000 }',
+        'name = "work"\nrun = "stages:die_at"\nreplicas = 2\nparams = { bad = 500 }',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }'), STAGES)
+    result = project.launch(timeout=60)
+    assert result.returncode == 1
+    assert re.search(r"stage 'work' replica work-[01] \(pid \d+\) died without a word: "
+                     r"killed by signal 9", result.stderr), result.stderr
+    assert "Host unreachable" not in result.stderr
+    assert "stage 'source' replica" not in result.stderr  # no failure of the sender

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgpack
 import pytest
 
@@ -404,3 +406,260 @@ def test_an_eavesdropper_reads_nothing_when_links_have_keys(project, with_keys):
     assert json.loads(project.read("out.txt")) == [f"TOP-SECRET-{i}" for i in range(50)]
     assert len(tap.seen) > 0
     assert (b"TOP-SECRET" in tap.seen) is (not with_keys)
+
+
+# -- what does not belong on a link is dropped, and never counted ----------------------------
+
+def _acceptable(link: str, frames: list[bytes]) -> bool:
+    """Whether a message may be a valid data message on ``link``: "plain" (untagged),
+    "into-ordered" (every tag [seq, LAST]) or "after-ordered" (tagged: whether it is
+    valid depends on what came before, so any tagged one may be)."""
+    from zpipe import codec
+
+    try:
+        _, tags = codec.decode_tagged(frames)
+    except Exception:  # noqa: BLE001 - whatever fails to decode is garbage
+        return False
+    if link == "plain":
+        return tags is None
+    if link == "into-ordered":
+        return tags is not None and all(tag[1] == codec.TAG_LAST for tag in tags)
+    return tags is not None
+
+
+def malformed_for(link: str, count: int, seed: int) -> list[list[bytes]]:
+    """``count`` messages that are no valid data message on ``link``: the table of
+    test_codec, valid messages of the other kinds of link, then seeded random ones."""
+    from test_codec import MALFORMED, Wrong
+
+    from zpipe import codec
+
+    candidates = [frames for _, frames in MALFORMED]
+    candidates += [codec.encode(["plain"]), codec.encode(["tagged"], [[0, codec.TAG_LAST]]),
+                   codec.encode(["unfinished"], [[0, 0]]),
+                   codec.encode([None], [[0, codec.TAG_LAST | codec.TAG_MARKER]])]
+    chosen = [frames for frames in candidates if not _acceptable(link, frames)]
+    wrong = Wrong(seed)
+    while len(chosen) < count:
+        frames = wrong.message()
+        if not _acceptable(link, frames):
+            chosen.append(frames)
+    return chosen[:count]
+
+
+def _inbox(ctx, name: str):
+    import zmq
+
+    from zpipe.control import Control
+    from zpipe.inbox import Inbox
+
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind(f"inproc://{name}")
+    push.connect(f"inproc://{name}")
+    control = ctx.socket(zmq.DEALER)
+    control.connect("inproc://nobody")
+    return push, Inbox(pull, Control(control), name, 10)
+
+
+def _take_all(push, inbox, messages) -> list:
+    """Send every message, then take every item (with its number, on a numbered link)."""
+    for frames in messages:
+        push.send_multipart(frames)
+    inbox.control.stopped = True  # the input ends once it is empty
+    return [(item, inbox.seq) for item in inbox]
+
+
+def test_a_plain_link_drops_tagged_and_malformed_messages():
+    import zmq
+
+    from zpipe import codec
+
+    garbage = malformed_for("plain", 300, seed=11)
+    ctx = zmq.Context()
+    try:
+        push, inbox = _inbox(ctx, "plain")
+        messages = [codec.encode([0, 1]), *garbage[:150], codec.encode([2]), *garbage[150:],
+                    codec.encode([{"three": 3}])]
+        assert [item for item, _ in _take_all(push, inbox, messages)] == [0, 1, 2, {"three": 3}]
+        assert (inbox.received, inbox.malformed) == (4, 300)
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_the_input_of_an_ordered_stage_takes_only_numbered_inputs():
+    import zmq
+
+    from zpipe import codec
+    from zpipe.outbox import Outbox
+
+    last = codec.TAG_LAST
+    ctx = zmq.Context()
+    try:
+        push, inbox = _inbox(ctx, "into-ordered")
+        outbox = Outbox(None, inbox.control, source=False, ordered_by=inbox)  # the stage's own
+        assert inbox.numbered
+        garbage = malformed_for("into-ordered", 200, seed=12)
+        messages = [codec.encode(["a"], [[0, last]]), codec.encode(["untagged"]), *garbage,
+                    codec.encode(["not last"], [[1, 0]]),
+                    codec.encode([None], [[1, last | codec.TAG_MARKER]]),
+                    codec.encode(["b", "c"], [[1, last], [2, last]])]
+        assert _take_all(push, inbox, messages) == [("a", 0), ("b", 1), ("c", 2)]
+        assert (inbox.received, inbox.malformed) == (3, 203)
+        outbox.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_the_input_after_an_ordered_stage_takes_only_what_fits_its_order():
+    import zmq
+
+    from zpipe import codec
+    from zpipe.inbox import Reorder
+
+    last, marker = codec.TAG_LAST, codec.TAG_MARKER
+    ctx = zmq.Context()
+    try:
+        push, inbox = _inbox(ctx, "after-ordered")
+        inbox.reorder = Reorder()
+        garbage = malformed_for("after-ordered", 200, seed=13)
+        messages = [codec.encode(["c"], [[2, last]]),            # input 2 is complete
+                    codec.encode(["late"], [[2, 0]]),             # ... so nothing more for it
+                    codec.encode(["untagged"]),
+                    *garbage,
+                    codec.encode(["a", "twice"], [[0, last], [0, last]]),
+                    codec.encode(["a", "b"], [[0, 0], [0, last]]),  # input 0, released
+                    codec.encode(["again"], [[0, last]]),           # ... so nothing more for it
+                    codec.encode([None], [[1, last | marker]])]     # input 1 had no output
+        assert [item for item, _ in _take_all(push, inbox, messages)] == ["a", "b", "c"]
+        assert inbox.received == 4 and inbox.reorder.markers == 1
+        assert inbox.malformed == 204
+    finally:
+        ctx.destroy(linger=0)
+
+
+# -- end to end: a stranger floods a running pipeline with garbage ---------------------------
+
+FLOWING_STAGES = """
+import json, os, time
+from typing import Iterable
+
+def numbers(count):
+    deadline = time.monotonic() + 120
+    for i in range(count):
+        if i == 100:
+            open('flowing', 'w').close()
+        if i >= 100 and not os.path.exists('garbage-taken'):
+            time.sleep(0.002)  # pacing: items keep flowing while the stranger sends
+        yield i
+    while not os.path.exists('garbage-taken'):  # the end waits for the stranger's last
+        if time.monotonic() > deadline:
+            raise TimeoutError('the garbage was never all taken')
+        time.sleep(0.01)
+
+def relay(x):
+    return x
+
+def tenfold(x):
+    return 10 * x
+
+def record(items: Iterable):
+    with open('out.json', 'w') as f:
+        json.dump(list(items), f)
+"""
+
+
+def _dropped(stderr: str) -> dict[str, int]:
+    """Replica name -> the latest count of its "dropped a malformed message" lines."""
+    import re
+
+    counts: dict[str, int] = {}
+    for name, count in re.findall(r"(?m)^(\S+)\s+\|.* dropped a malformed message \((\d+) so "
+                                  r"far\)", stderr):
+        counts[name] = max(counts.get(name, 0), int(count))
+    return counts
+
+
+def _flood(project, targets: list[tuple[int, str, list[list[bytes]], str]]) -> str:
+    """Run the pipeline; once items flow, send each target (port, socket type,
+    messages, the replica listening there) its garbage, wait until every replica
+    has dropped all it was sent, let the source end, and return the launcher's
+    stderr once it exited 0."""
+    import os
+    import signal
+
+    import zmq
+    from conftest import wait_until
+
+    launched = project.start()
+    ctx = zmq.Context()
+    try:
+        wait_until(lambda: (project.root / "flowing").exists() or launched.proc.poll() is not None,
+                   60, what="the first items")
+        assert launched.proc.poll() is None, launched.stderr
+        strangers = []  # open until all is taken (a closed socket drops what it holds)
+        for port, kind, messages, _ in targets:
+            stranger = ctx.socket(getattr(zmq, kind))
+            strangers.append(stranger)
+            stranger.setsockopt(zmq.LINGER, 0)
+            stranger.setsockopt(zmq.SNDTIMEO, 20_000)
+            stranger.connect(f"tcp://127.0.0.1:{port}")
+            for frames in messages:
+                stranger.send_multipart(frames)
+        wanted = {name: len(messages) for _, _, messages, name in targets}
+        try:
+            wait_until(lambda: _dropped(launched.stderr) == wanted or
+                       launched.proc.poll() is not None, 90, what=f"{wanted} dropped")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; dropped {_dropped(launched.stderr)}:\n"
+                                 f"{launched.stderr[-3000:]}") from None
+        (project.root / "garbage-taken").touch()
+        code, err = launched.finish(60)
+    finally:
+        if launched.proc.poll() is None:  # a failure above: the launcher and its stages
+            os.killpg(launched.pid, signal.SIGKILL)
+        launched.kill()
+        ctx.destroy(linger=0)
+    assert code == 0, err[-5000:]
+    assert _dropped(err) == wanted, err[-5000:]
+    return err
+
+
+def test_a_stranger_flooding_a_relay_with_garbage_changes_nothing(project):
+    """Thousands of messages that are not zpipe messages (wrong tags and types, unknown
+    ext types, bad arrays, shapes claiming gigabytes) sent to a relay's tcp port while
+    the real items flow: the run ends well, every item arrives once, the relay says
+    how many it dropped."""
+    from test_launcher import free_ports, toml
+
+    (relay,) = free_ports(1)
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 3000 }',
+        f'name = "relay"\nrun = "stages:relay"\naddress = "tcp://127.0.0.1:{relay}"',
+        'name = "sink"\nrun = "stages:record"'), FLOWING_STAGES)
+    garbage = malformed_for("plain", 3000, seed=1)
+    err = _flood(project, [(relay, "PUSH", garbage, "relay-0")])
+    assert json.loads(project.read("out.json")) == list(range(3000))
+    assert "stage 'relay' finished: 3000 in, 3000 out" in err
+    # The first few say why, then a line per thousand or when the input falls idle:
+    # 3000 bad messages are not 3000 lines.
+    assert 5 < err.count("dropped a malformed message") < 200, err[-3000:]
+
+
+def test_a_stranger_flooding_an_ordered_stage_and_its_sink_changes_nothing(project):
+    """The same on numbered links: into the replicas of an ``ordered`` stage (ROUTER
+    inputs) and into the stage after it, which puts the outputs back in order."""
+    from test_launcher import toml
+
+    work, sink = _port_pairs(2)
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 3000 }',
+        f'name = "work"\nrun = "stages:tenfold"\nreplicas = 2\nordered = true\n'
+        f'address = "tcp://127.0.0.1:{work}"',
+        f'name = "sink"\nrun = "stages:record"\naddress = "tcp://127.0.0.1:{sink}"'),
+        FLOWING_STAGES)
+    err = _flood(project, [
+        (work, "DEALER", malformed_for("into-ordered", 1000, seed=2), "work-0"),
+        (work + 1, "DEALER", malformed_for("into-ordered", 1200, seed=3), "work-1"),
+        (sink, "PUSH", malformed_for("after-ordered", 1400, seed=4), "sink-0")])
+    assert json.loads(project.read("out.json")) == [10 * i for i in range(3000)]
+    assert "stage 'work' finished: 3000 in, 3000 out" in err

@@ -51,25 +51,34 @@ class Dispatcher:
 
     def send(self, frames: list[Any]) -> bool:
         """Send one message to the next replica with a credit; False if none has one now."""
-        replica = self._choose()
-        if replica is None:
-            self._take_credits()
+        while True:
             replica = self._choose()
             if replica is None:
+                self._take_credits()
+                replica = self._choose()
+                if replica is None:
+                    return False
+            try:
+                send_frame(self.sock, self.peers[replica], _MORE_NOBLOCK)
+            except zmq.Again:
+                # Its queue is at the HWM (ROUTER_MANDATORY: rather than dropped),
+                # which credits reach only under a very low hwm: the message
+                # waits for the next credit, from whichever replica.
                 return False
-        try:
-            send_frame(self.sock, self.peers[replica], _MORE_NOBLOCK)
-        except zmq.Again:
-            # Its queue is at the HWM (ROUTER_MANDATORY: rather than dropped),
-            # which credits reach only under a very low hwm: the message
-            # waits for the next credit, from whichever replica.
-            return False
-        self.credits[replica] -= 1
-        if len(frames) == 1:
-            send_frame(self.sock, frames[0], NOBLOCK)
-        else:
-            self.sock.send_multipart(frames, NOBLOCK, copy=False)
-        return True
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                # That replica's connection is gone (it died): its death is
+                # the supervisor's to report, not this sender's. Its credits
+                # died with it; the message goes to another replica.
+                self.credits[replica] = 0
+                continue
+            self.credits[replica] -= 1
+            if len(frames) == 1:
+                send_frame(self.sock, frames[0], NOBLOCK)
+            else:
+                self.sock.send_multipart(frames, NOBLOCK, copy=False)
+            return True
 
     def _choose(self) -> int | None:
         """The next replica, round-robin, with a credit left."""

@@ -4,6 +4,7 @@ iterator its stage consumes."""
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import select
 import time
@@ -20,6 +21,8 @@ from .transport import NOBLOCK, POLLIN
 log = logging.getLogger("zpipe")
 
 IDLE_POLL_MS = 1000
+MALFORMED_REPORTED = 5   # malformed messages logged one by one,
+MALFORMED_EVERY = 1000   # then one line per this many
 _monotonic = time.monotonic
 
 
@@ -41,10 +44,17 @@ class Inbox(Inputs):
         self.received = 0
         self.reported: int | None = None
         self.malformed = 0
+        self.malformed_logged = 0  # the count the last log line gave
+        self.malformed_why = ""
         self.last_item: Any = None
         self.seqs: collections.deque[int] = collections.deque()  # numbers of buffered items
         self.seq = -1                   # number of the item last returned (numbered links)
         self.reorder: Reorder | None = None
+        self.holding = 0  # items of a batch (set_get_all) in the stage's hands
+        # Whether every message on this link carries tags: an ordered stage's
+        # input (its Outbox, which takes the seqs, sets this) and, with
+        # reorder, the input after an ordered stage. Other links carry none.
+        self.numbered = False
         self.before_idle: Callable[[], None] = lambda: None  # the outbox flushes its batch
         self.items = self._items()
         # zmq_poll's list, used directly: the Poller and ZMQ_EVENTS cost more per call
@@ -86,7 +96,9 @@ class Inbox(Inputs):
             batch = list(self.buffer)
             self.buffer.clear()
             self.last_item = batch
+            self.holding = len(batch)
             yield batch
+            self.holding = 0
 
     def _fill(self, block: bool) -> bool:
         """Receive one message into the buffer; False when none came (ended, or not blocking)."""
@@ -96,14 +108,24 @@ class Inbox(Inputs):
                 return False
             try:
                 items, tags = codec.decode_tagged(frames)
+                if tags is None:
+                    if self.reorder is None and not self.numbered:
+                        break
+                    raise codec.DecodeError("untagged, on a link that numbers every item")
+                self._check_numbers(tags)
                 break
             except codec.DecodeError as exc:
                 # Anyone may reach a socket: what is not zpipe's format is
                 # dropped, never fatal (a real peer of another version is
                 # caught by the supervisor when it says hello).
                 self.malformed += 1
-                log.warning("stage %r dropped a malformed message (%d so far): %s",
-                            self.stage, self.malformed, exc)
+                self.malformed_why = str(exc)
+                # A flood must not become a flood of log lines: the first few
+                # say why, then one line per MALFORMED_EVERY, and the count
+                # whenever the input falls idle (_idle).
+                if self.malformed <= MALFORMED_REPORTED or \
+                        self.malformed % MALFORMED_EVERY == 0:
+                    self._log_malformed()
         self.received += len(items)
         if tags is None:
             self.buffer.extend(items)
@@ -113,6 +135,31 @@ class Inbox(Inputs):
             self.buffer.extend(items)
             self.seqs.extend(tag[0] for tag in tags)
         return True
+
+    def _log_malformed(self) -> None:
+        self.malformed_logged = self.malformed
+        log.warning("stage %r dropped a malformed message (%d so far): %s", self.stage,
+                    self.malformed, self.malformed_why)
+
+    def _check_numbers(self, tags: list[Any]) -> None:
+        """Raise DecodeError unless ``tags`` (each a well-formed ``[seq, flags]``, as
+        decode_tagged checked) belong on this link, before anything is counted."""
+        reorder = self.reorder
+        if reorder is None:
+            if not self.numbered:
+                raise codec.DecodeError("tagged, on a link that does not number items")
+            # Into an ordered stage: each entry is one input, the last of its number.
+            for tag in tags:
+                if tag[1] != codec.TAG_LAST:
+                    raise codec.DecodeError(f"tag {tag} into an ordered stage, not [seq, LAST]")
+            return
+        # Out of an ordered stage: nothing may come for an input once its LAST has.
+        released, complete, closed = reorder.next, reorder.complete, set()
+        for seq, flags in tags:
+            if seq < released or seq in complete or seq in closed:
+                raise codec.DecodeError(f"an entry for input {seq}, after its last")
+            if flags & codec.TAG_LAST:
+                closed.add(seq)
 
     def _receive(self, block: bool) -> list[Any] | None:
         """The frames of the next message; None when none came (ended, or not blocking)."""
@@ -156,6 +203,8 @@ class Inbox(Inputs):
         zmq_poll's look at the control socket.
         """
         self.before_idle()  # never sit on outputs while waiting for input
+        if self.malformed != self.malformed_logged:
+            self._log_malformed()
         control = self.control
         # The last look at the control socket must come after the last send
         # on it (a send may take in the wake-up of a command that arrived), and
@@ -175,6 +224,16 @@ class Inbox(Inputs):
             else:
                 control.handle()
         return ready
+
+    def unfinished(self, output_taken: bool = False) -> int:
+        """Entries received and not finished: buffered, held back for reordering, or in
+        the stage's hands (an item the body took and has not come back from, unless
+        ``output_taken``: its output already went to the outbox)."""
+        held = sum(len(v) for v in self.reorder.waiting.values()) if self.reorder else 0
+        # The item generator is suspended exactly while the body holds its last item.
+        in_hand = self.holding or int(inspect.getgeneratorstate(self.items) ==
+                                      inspect.GEN_SUSPENDED)
+        return len(self.buffer) + held + (0 if output_taken else in_hand)
 
 
 class Reorder:

@@ -34,6 +34,7 @@ BATCH_WAIT = 0.001
 # a shorter period costs a busy stage more thread wake-ups than it saves.
 FLUSHER_PERIOD = 0.005
 IDLE_GAP = 0.0002
+TRACK_WAIT = 0.02  # while ZeroMQ still holds a sent array, look for commands this often
 
 _NOTHING = object()
 _monotonic = time.monotonic
@@ -51,7 +52,7 @@ class Outbox:
 
     def __init__(self, sock: zmq.Socket | None, control: Control, source: bool,
                  number_outputs: bool = False, ordered_by: Inbox | None = None,
-                 dispatcher: Dispatcher | None = None):
+                 dispatcher: Dispatcher | None = None, copy_arrays: bool = True):
         self.sock = sock
         self.control = control
         self.source = source
@@ -61,7 +62,10 @@ class Outbox:
         self.numbered = 0
         self.ordered_by = ordered_by     # an ordered stage's inbox: outputs take its numbers
         self.pending: Any = _NOTHING     # an ordered stage's output, held until the next one
-        self.batch = codec.Batch()
+        self.batch = codec.Batch(copy_arrays=copy_arrays)
+        # Arrays leave without a copy; put() then returns only once ZeroMQ has
+        # let go of them (see _send_now), so the stage may change them after.
+        self.track_arrays = not copy_arrays
         self.lock = threading.Lock()
         self.oldest = 0.0                # when the batch's first output was added
         self.last_flush = 0.0
@@ -69,6 +73,7 @@ class Outbox:
         self.max_size: int | None = None
         self.downstream = ""
         self.batch_items = BATCH_ITEMS
+        self.checking = False
         if sock is not None:
             # Sends one message without waiting; False when downstream has no room now.
             self.try_send = dispatcher.send if dispatcher is not None else \
@@ -82,6 +87,8 @@ class Outbox:
         # send(item) is what the stage's outputs go to: put() itself on a plain
         # link (the usual case, without a call in between), else the tagging.
         self.send = self.put if not number_outputs and ordered_by is None else self._send_tagged
+        if ordered_by is not None:
+            ordered_by.numbered = True  # its input's messages must all carry seqs
 
     def _send_tagged(self, item: Any) -> None:
         if self.ordered_by is not None:
@@ -139,7 +146,11 @@ class Outbox:
                             self.flusher.armed.set()
         control = self.control
         if now >= control.next_check:
+            # Left set if ABORT comes now: the input in hand has had its output
+            # taken, so it counts as finished (see Inbox.unfinished).
+            self.checking = True
             control.check(now)
+            self.checking = False
             if self.source and control.stopped:
                 raise SourceStopped()
 
@@ -148,8 +159,14 @@ class Outbox:
         stage, send what came before on its own first, or fail if it is too big alone."""
         assert self.max_size is not None
         batch = self.batch
+        batch.max_size = self.max_size  # an array above it fails before it is copied
         mark = len(batch.arrays)
-        batch.add(item, tag)
+        try:
+            batch.add(item, tag)
+        except codec.FrameTooLarge as exc:
+            raise EncodeError(f"an item holding an array of {exc.nbytes} bytes is larger than "
+                              f"stage {self.downstream!r} accepts (max_message_size "
+                              f"{self.max_size})") from None
         if batch.largest_frame() <= self.max_size:
             return
         last = batch.pop(mark)
@@ -177,8 +194,15 @@ class Outbox:
 
     def _send_now(self, frames: list[Any], count: int) -> None:
         """Send one message of ``count`` items, blocking while downstream is full."""
+        tracked = None
+        if self.track_arrays and len(frames) > 1:
+            frames, tracked = _tracked(frames)
         if not self.try_send(frames):
             self._send_blocking(frames)
+        if tracked is not None:
+            # A zmq.Frame holds its message too: ours must go before ZeroMQ can let go.
+            frames.clear()
+            self._wait_released(tracked)
         self.sent += count
         # Taken after the send: a send that waited on a full link does not
         # make the next output look like the first after a pause.
@@ -212,6 +236,20 @@ class Outbox:
         if self.flusher is not None:
             self.flusher.stop()
 
+    def unsent(self) -> int:
+        """Outputs produced and not handed to ZeroMQ: the batch, and a held-back output."""
+        return len(self.batch) + (self.pending is not _NOTHING)
+
+    def _wait_released(self, tracker: zmq.MessageTracker) -> None:
+        """Wait until ZeroMQ is done with the arrays just sent (written to the socket):
+        from then on the stage may change them. ABORT still comes through."""
+        while True:
+            try:
+                tracker.wait(TRACK_WAIT)
+                return
+            except zmq.NotDone:
+                self.control.check(_monotonic())
+
     def _send_blocking(self, frames: list[Any]) -> None:
         while True:
             events = dict(self.poller.poll(IDLE_POLL_MS))
@@ -219,6 +257,18 @@ class Outbox:
                 self.control.handle()
             if self.try_send(frames):
                 return
+
+
+def _tracked(frames: list[Any]) -> tuple[list[Any], zmq.MessageTracker | None]:
+    """The frames with each large array as a tracked zmq.Frame, and their tracker
+    (None when every array is small: pyzmq copies those as it sends them)."""
+    out, trackers = [frames[0]], []
+    for frame in frames[1:]:
+        if len(frame) >= zmq.COPY_THRESHOLD:
+            frame = zmq.Frame(frame, copy=False, track=True)
+            trackers.append(frame.tracker)
+        out.append(frame)
+    return out, (zmq.MessageTracker(*trackers) if trackers else None)
 
 
 def _send(sock: zmq.Socket, frames: list[Any]) -> bool:
@@ -249,13 +299,18 @@ class Flusher(threading.Thread):
         self.stopping = False
 
     def run(self) -> None:
-        while not self.stopping:
-            self.armed.wait()
-            self.armed.clear()
+        try:
             while not self.stopping:
-                time.sleep(FLUSHER_PERIOD)
-                if not self.outbox.flush_if_due():
-                    break
+                self.armed.wait()
+                self.armed.clear()
+                while not self.stopping:
+                    time.sleep(FLUSHER_PERIOD)
+                    if not self.outbox.flush_if_due():
+                        break
+        except zmq.ZMQError:
+            # The socket was closed under it: the replica is ending (a signal
+            # cut its close short); what the batch held is the replica's to report.
+            pass
 
     def stop(self) -> None:
         self.stopping = True
