@@ -278,10 +278,10 @@ def test_inactivity_timeout_from_the_file_stops_a_stall(project):
     project.pipeline(toml('name = "source"\nrun = "stages:numbers"\nparams = { count = 50 }',
                           'name = "stuck"\nrun = "stages:stuck_on"\nparams = { bad = 5 }',
                           'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }',
-                          extra="inactivity_timeout = 1.5"), STAGES)
+                          extra="inactivity_timeout = 2"), STAGES)
     result = project.launch(timeout=60)
     assert result.returncode == 1
-    assert "no item moved for 1.5 s (inactivity_timeout); stages not finished: stuck, sink" \
+    assert "no item moved for 2 s (inactivity_timeout); stages not finished: stuck, sink" \
         in result.stderr
 
 
@@ -310,3 +310,184 @@ def test_startup_timeout_names_the_replicas_not_ready(project):
     result = project.launch(timeout=60)
     assert result.returncode == 1
     assert "replicas not ready after 1 s: model-0 (in set-up or connecting)" in result.stderr
+
+
+def test_strangers_on_the_control_socket_never_stop_a_pipeline(project):
+    """Without keys anyone may connect to a tcp control address; what they send is
+    counted and logged, whatever protocol version or fields it claims."""
+    import msgpack
+    import zmq
+
+    from test_launcher import free_ports, toml
+
+    control = free_ports(1)[0]
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:gated"\nparams = { count = 300 }',
+        'name = "relay"\nrun = "stages:fail_on"\nparams = { bad = -1 }',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.jsonl" }',
+        extra=f'control = "tcp://127.0.0.1:{control}"'), STAGES + GATED)
+    launched = project.start()
+    launched.wait_for_stderr("replicas ready")
+    ctx = zmq.Context()
+    messages = [msgpack.packb([1, "hello", {"version": 1}]),            # another version
+                msgpack.packb([99, "error", {"message": "forged"}]),
+                msgpack.packb([2, "error", {"message": "forged"}]),     # right version
+                msgpack.packb([2, "exit", {}]), b"\xc1", b""]
+    try:
+        for number, identity in enumerate([b"stranger", b"relay-7", b"stranger/hb", None]):
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 2000)
+            if identity is not None:
+                sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(f"tcp://127.0.0.1:{control}")
+            for message in messages:
+                sock.send(message)
+            sock.close()
+        launched.wait_for_stderr("which is not one of this pipeline's replicas")
+        wait_until(lambda: launched.stderr.count("is not one of this pipeline's replicas") >= 5,
+                   what="the strangers' messages to be reported")
+    finally:
+        ctx.term()
+        (project.root / "go").touch()
+    code, err = launched.finish(60)
+    assert code == 0, err
+    assert len(project.lines("out.jsonl")) == 300
+    assert "ignored 24 control message(s) from peers that are not replicas" in err
+    assert "VersionMismatch" not in err and "forged" not in err
+
+
+GATED = """
+
+def gated(count):
+    while not os.path.exists("go"):
+        time.sleep(0.01)
+    yield from range(count)
+"""
+
+
+def test_a_replica_message_with_wrong_fields_is_ignored_not_acted_on(tmp_path):
+    """Kinds only the supervisor sends, unknown kinds and fields of the wrong type
+    are dropped with a line each; none reaches a handler."""
+    import msgpack
+    import zmq
+
+    from zpipe.config import PipelineSpec, StageSpec
+    from zpipe.processes import Remote
+    from zpipe.supervisor import Supervisor
+
+    spec = PipelineSpec(name="p", stages=(StageSpec(name="src", run="m:f"),
+                                          StageSpec(name="sink", run="m:g")), grace=1)
+    address = f"ipc://{tmp_path}/control"
+    reports: list[str] = []
+    ctx = zmq.Context()
+    supervisor = Supervisor(spec, address, Remote(), reports.append, ctx=ctx)
+    peer = ctx.socket(zmq.DEALER)
+    peer.setsockopt(zmq.IDENTITY, b"sink-0")
+    peer.setsockopt(zmq.LINGER, 0)
+    peer.connect(address)
+    bad = [("exit", {}), ("signal", {}), ("message", {"data": 1}), ("run", {}),
+           ("hello", {"pid": "x"}), ("received", {"received": -5}), ("done", {"sent": "many"}),
+           ("error", {"message": 3}), ("ready", []), ("heartbeat", {"received": [1]})]
+    for kind, fields in bad:
+        peer.send(msgpack.packb([2, kind, fields]))
+    deadline = time.monotonic() + 10
+    while len(reports) < len(bad) and time.monotonic() < deadline:
+        supervisor._tick()
+    peer.close()
+    supervisor.router.close(0)
+    ctx.term()
+    assert len(reports) == len(bad), reports
+    assert all(r.startswith("ignored") for r in reports), reports
+    assert not supervisor.failures
+    sink = supervisor.replicas["sink-0"]
+    assert not (sink.exited or sink.done or sink.hello)
+
+
+LOSSY = """
+import time
+
+def numbers(count):
+    yield from range(count)
+
+def slow(x):
+    time.sleep(0.1)
+    return x
+
+def append(x, path):
+    with open(path, "a") as out:
+        out.write(f"{x}\\n")
+"""
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_an_interrupt_past_the_grace_period_says_what_was_lost(project, replicas):
+    """Ctrl-C with a slow stage and many items queued: the grace period runs out,
+    and the summary accounts for every item the source sent."""
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 1000 }',
+        f'name = "slow"\nrun = "stages:slow"\nreplicas = {replicas}',
+        'name = "sink"\nrun = "stages:append"\nparams = { path = "out.txt" }',
+        extra="grace = 0.3"), LOSSY)
+    launcher = project.start()
+    try:
+        wait_until(lambda: len(project.lines("out.txt")) >= 2, what="the first items")
+        launcher.send_signal(signal.SIGINT)
+    finally:
+        status, err = launcher.finish(30)
+    assert status == 130, err
+    sent = re.search(r"stage 'source' (?:finished|stopped): 0 in, (\d+) out", err)
+    assert sent, err
+    lost = {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in re.finditer(
+        r"stage '(\w+)': (\d+) items lost in flight \((\d+) sent to it and never received, "
+        r"(\d+) received and never finished\)", err)}
+    unsent = {m[1]: int(m[2]) for m in re.finditer(r"stage '(\w+)': .*?(\d+) of its outputs "
+                                                    r"never sent", err)}
+    assert "slow" in lost, err
+    produced = int(sent[1]) + unsent.get("source", 0)
+    written = len(project.lines("out.txt"))
+    # Every item the source produced was written, or is in one of the figures.
+    accounted = written + sum(n for n, _, _ in lost.values()) + sum(unsent.values())
+    assert accounted == produced, err
+    total = re.search(r"lost in flight in all: (\d+) entries", err)
+    assert total and int(total[1]) == produced - written, err
+
+
+GIL_HOLDER = """
+
+def numbers(count):
+    yield from range(count)
+
+def hold(x):
+    if x == 3:
+        open("holding", "w").close()
+        # One C call that keeps the GIL for minutes: no signal handler or
+        # thread of this process runs until it returns.
+        sum(range(10**10))
+    return x
+
+def sink(x):
+    pass
+"""
+
+
+def test_launcher_killed_while_a_replica_holds_the_gil_leaves_nothing(project):
+    import tempfile
+    import uuid
+    from pathlib import Path
+
+    name = f"gil{uuid.uuid4().hex[:8]}"
+    project.pipeline(toml('name = "source"\nrun = "stages:numbers"\nparams = { count = 10 }',
+                          'name = "hold"\nrun = "stages:hold"',
+                          'name = "sink"\nrun = "stages:sink"', name=name), GIL_HOLDER)
+    folders = lambda: list(Path(tempfile.gettempdir()).glob(f"zpipe-{name}-*"))  # noqa: E731
+    launcher = project.start()
+    try:
+        wait_until(lambda: (project.root / "holding").exists(), what="the GIL-holding call")
+        assert folders()
+        launcher.kill()
+        killed = time.monotonic()
+        wait_until(lambda: not project.processes(), timeout=10, what="every replica to go")
+        assert time.monotonic() - killed < 6  # not the minutes of the call
+        wait_until(lambda: not folders(), timeout=5, what="the runtime folder to go")
+    finally:
+        launcher.kill()

@@ -19,6 +19,7 @@ READY = "ready"          # data sockets connected and set-up done
 RECEIVED = "received"    # received: items received so far (sent when idle while draining)
 ERROR = "error"          # exc_type, message, traceback, item_type, phase
 DONE = "done"            # received, sent: input ended, outputs handed on, teardown done
+ABORTED = "aborted"      # counts, pending, unsent: what it held when ABORT came (see losses.py)
 HEARTBEAT = "heartbeat"  # received, sent
 
 # supervisor -> replica
@@ -30,6 +31,31 @@ ABORT = "abort"          # reason: stop at once (a failure elsewhere, or an inte
 PING = "ping"            # the supervisor is alive (to heartbeat sockets)
 
 
+_COUNTS = {"received": int, "sent": int, "markers_received": int, "markers_sent": int,
+           "pending": int, "unsent": int}
+_TEXT = (str, type(None))
+# What each kind may carry: a field of another type makes the whole message
+# malformed (dropped and counted, never acted on); fields not named here are
+# ignored, so a later version may add some.
+FIELDS: dict[str, dict[str, Any]] = {
+    HELLO: {"pid": int, "host": str, "version": int},
+    READY: {},
+    RECEIVED: {"received": int},
+    ERROR: {"exc_type": _TEXT, "exc_module": _TEXT, "exc_qualname": _TEXT, "message": str,
+            "traceback": _TEXT, "phase": _TEXT, "item_type": _TEXT, "args": (list, type(None)),
+            **_COUNTS},
+    DONE: _COUNTS,
+    ABORTED: _COUNTS,
+    HEARTBEAT: _COUNTS,
+    START: {},
+    DRAIN: {"expected": int},
+    STOP: {},
+    EXIT: {},
+    ABORT: {"reason": str},
+    PING: {},
+}
+
+
 def pack(kind: str, **fields: Any) -> bytes:
     return msgpack.packb([PROTOCOL_VERSION, kind, fields], use_bin_type=True)
 
@@ -39,14 +65,29 @@ class VersionMismatch(ValueError):
 
 
 def unpack(data: bytes) -> tuple[str, dict[str, Any]]:
-    """(kind, fields); raises ValueError on anything else."""
+    """(kind, fields) of a well-formed control message; raises ValueError on anything else.
+
+    Well-formed means: a known kind, and every field it names of its type
+    (counts are non-negative integers).
+    """
     try:
         version, kind, fields = msgpack.unpackb(data, raw=False)
-    except Exception as exc:
-        raise ValueError(f"malformed control message: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - any decoding failure, at any depth
+        raise ValueError(f"malformed control message: {type(exc).__name__}: {exc}") from None
     if version != PROTOCOL_VERSION:
-        raise VersionMismatch(f"control message of protocol version {version!r}; this zpipe speaks "
-                         f"{PROTOCOL_VERSION}: run the same zpipe version everywhere")
+        raise VersionMismatch(f"control message of protocol version {version!r}; this zpipe "
+                              f"speaks {PROTOCOL_VERSION}: run the same zpipe version everywhere")
     if not isinstance(kind, str) or not isinstance(fields, dict):
         raise ValueError("malformed control message: expected [version, kind, fields]")
+    schema = FIELDS.get(kind)
+    if schema is None:
+        raise ValueError(f"malformed control message: unknown kind {kind[:40]!r}")
+    for name, expected in schema.items():
+        if name not in fields:
+            continue
+        value = fields[name]
+        if not isinstance(value, expected) or isinstance(value, bool) or \
+                (type(value) is int and value < 0):
+            raise ValueError(f"malformed control message: field {name!r} of {kind!r} is "
+                             f"{type(value).__name__} {str(value)[:40]!r}")
     return kind, fields

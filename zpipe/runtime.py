@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import socket
 import threading
 import time
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import zmq
 
-from . import balance, codec, protocol, transport
+from . import balance, codec, failures, protocol, transport
 from .control import Aborted, Control, SourceStopped
 from .inbox import Inbox, Reorder
 from .outbox import BATCH_ITEMS_REPLICATED, Outbox
@@ -35,6 +32,7 @@ log = logging.getLogger("zpipe")
 
 HEARTBEAT_INTERVAL = 1.0
 ERROR_ACK_TIMEOUT = 10.0
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_WAIT_TIMEOUT = None  # a finished replica waits for EXIT as long as the supervisor lives
 
 
@@ -144,6 +142,9 @@ class Replica:
         self.inbox: Inbox | None = None
         self.outbox: Outbox | None = None
         self.phase = "start"
+        # A SIGTERM while teardown() runs waits for it (see worker._terminate).
+        self.tearing_down = False
+        self.terminate_after_teardown = False
 
     def counts(self) -> dict[str, int]:
         """Entries received and sent on the links (order markers included, and counted)."""
@@ -152,6 +153,14 @@ class Replica:
                 "sent": outbox.sent if outbox else 0,
                 "markers_received": inbox.reorder.markers if inbox and inbox.reorder else 0,
                 "markers_sent": outbox.markers if outbox else 0}
+
+    def final_counts(self) -> dict[str, int]:
+        """counts(), and what it still holds: for its last report, from the main thread
+        (the heartbeat thread must not walk structures the main thread changes)."""
+        inbox, outbox = self.inbox, self.outbox
+        taken = outbox is not None and outbox.checking
+        return {**self.counts(), "pending": inbox.unfinished(taken) if inbox else 0,
+                "unsent": outbox.unsent() if outbox else 0}
 
     def run(self) -> int:
         sockets: list[zmq.Socket] = []
@@ -186,7 +195,10 @@ class Replica:
             self.outbox = Outbox(push, control, source=self.inbox is None,
                                  number_outputs=self.wiring.number_outputs,
                                  ordered_by=self.inbox if self.wiring.ordered else None,
-                                 dispatcher=dispatcher)
+                                 dispatcher=dispatcher,
+                                 # Over inproc the receiver would get the sender's very
+                                 # memory: there an array is copied as it is sent.
+                                 copy_arrays=any(a.startswith("inproc://") for a in downstream))
             self.outbox.max_size = self.wiring.downstream_max_size
             if dispatcher is not None:
                 self.outbox.batch_items = BATCH_ITEMS_REPLICATED
@@ -206,29 +218,45 @@ class Replica:
                 self._teardown_after_failure()
                 raise
             self.phase = "teardown"
-            self.body.teardown()
-            control.send(protocol.DONE, **self.counts())
+            self._teardown()
+            if self.terminate_after_teardown:
+                raise SystemExit(EXIT_TERMINATED)
+            control.send(protocol.DONE, **self.final_counts())
             self.phase = "done"
             control.wait_for(lambda: control.exit, EXIT_WAIT_TIMEOUT)
         except Aborted:
             status = 0
+            try:
+                # What it held: the supervisor says what the run lost (losses.py).
+                control.send(protocol.ABORTED, **self.final_counts())
+            except zmq.ZMQError:
+                pass
         except Exception as exc:  # noqa: BLE001 - every failure goes to the supervisor
             status = 1
             self._report(exc)
         finally:
             if self.outbox is not None:
                 self.outbox.close()
+            # The control socket lingers: its last report (ERROR, ABORTED) must
+            # reach the supervisor before this process is seen to end.
             for sock in sockets:
-                sock.close(0 if status == 0 else transport.LINGER_MS)
+                sock.close(0 if status == 0 and sock is not control_sock else transport.LINGER_MS)
         return status
 
     def _teardown_after_failure(self) -> None:
         # The first failure is the one to report; a teardown failing after it
         # is only logged.
         try:
-            self.body.teardown()
+            self._teardown()
         except Exception:  # noqa: BLE001
             log.exception("stage %r replica %s: teardown failed too", self.stage, self.name)
+
+    def _teardown(self) -> None:
+        self.tearing_down = True
+        try:
+            self.body.teardown()
+        finally:
+            self.tearing_down = False
 
     def _run_body(self) -> None:
         assert self.outbox is not None and self.control is not None
@@ -254,10 +282,10 @@ class Replica:
         assert self.control is not None
         item = self.inbox.last_item if self.inbox else None
         item_type = type(item).__name__ if self.inbox and self.phase == "run" else None
+        fields = {**failures.describe(exc), "phase": self.phase, "item_type": item_type,
+                  **self.final_counts()}
         try:
-            self.control.send(protocol.ERROR, exc_type=_qualified(type(exc)), message=str(exc),
-                              traceback=format_user_traceback(exc), phase=self.phase,
-                              item_type=item_type, exception=_pickled(exc), **self.counts())
+            self.control.send(protocol.ERROR, **fields)
             # Wait until the supervisor has it (it answers ABORT), so the report
             # can never be overtaken by the news of this process's exit.
             self.control.wait_for(lambda: False, ERROR_ACK_TIMEOUT)
@@ -265,29 +293,3 @@ class Replica:
             pass
         except zmq.ZMQError:
             pass
-
-
-def _pickled(exc: BaseException) -> bytes | None:
-    """The exception itself, for a caller in Python to re-raise (None if it will not pickle)."""
-    try:
-        data = pickle.dumps(exc)
-        pickle.loads(data)
-        return data
-    except Exception:  # noqa: BLE001 - the formatted report is still sent
-        return None
-
-
-def _qualified(cls: type) -> str:
-    return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-_OWN_FILES = str(Path(__file__).resolve().parent)
-
-
-def format_user_traceback(exc: BaseException) -> str:
-    """The traceback without zpipe's own frames, so the user's code stands out."""
-    info = traceback.TracebackException.from_exception(exc)
-    frames = [f for f in info.stack if not str(Path(f.filename).resolve()).startswith(_OWN_FILES)]
-    if frames:
-        info.stack = traceback.StackSummary.from_list(frames)
-    return "".join(info.format())

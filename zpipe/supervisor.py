@@ -30,15 +30,18 @@ from typing import Any, Callable, Iterator, Protocol
 
 import zmq
 
-from . import protocol, transport
+from . import losses, protocol, transport
 from .codec import PROTOCOL_VERSION
 from .config import PipelineSpec
+from .failures import Failure
 from .security import Curve, stop_authenticator
 
 TICK_MS = 100
 ABORT_WAIT = 3.0      # after ABORT, how long before SIGTERM
 TERMINATE_WAIT = 3.0  # after SIGTERM, how long before SIGKILL
 HEARTBEAT_TIMEOUT = 5.0  # a remote replica silent this long is gone
+STRANGERS_REPORTED = 5   # messages from unknown peers reported one by one,
+STRANGERS_EVERY = 1000   # then one line per this many
 
 
 class Workers(Protocol):
@@ -68,6 +71,9 @@ class ReplicaState:
     sent: int = 0
     markers_received: int = 0
     markers_sent: int = 0
+    pending: int = 0   # entries received and not finished (after an abort)
+    unsent: int = 0    # outputs never sent (after an abort)
+    final: bool = False  # the counts come from its last report (done, error, aborted)
     heartbeat: tuple[int, int] = (0, 0)  # (received, sent) from the last heartbeat
     last_seen: float = 0.0
 
@@ -96,30 +102,13 @@ class StageState:
     def items_out(self) -> int:
         return self.sent - sum(r.markers_sent for r in self.replicas)
 
+    @property
+    def pending(self) -> int:
+        return sum(r.pending for r in self.replicas)
 
-@dataclass
-class Failure:
-    stage: str
-    replica: str
-    kind: str                      # "error", "died" or "timeout"
-    message: str
-    exc_type: str | None = None
-    traceback: str | None = None
-    item_type: str | None = None
-    phase: str | None = None
-    exception: bytes | None = None  # the pickled exception, for callers in Python
-
-    def describe(self) -> str:
-        where = f"stage {self.stage!r} replica {self.replica}"
-        if self.kind == "timeout":
-            return self.message
-        if self.kind != "error":
-            return f"{where} {self.message}"
-        doing = {"run": f"while processing an item of type {self.item_type}" if self.item_type
-                 else "while running", "setup": "in setup", "connect": "while connecting",
-                 "teardown": "in teardown"}.get(self.phase or "", "")
-        head = f"{where} failed {doing}: {self.exc_type}: {self.message}".replace("  ", " ")
-        return f"{head}\n{self.traceback.rstrip()}" if self.traceback else head
+    @property
+    def unsent(self) -> int:
+        return sum(r.unsent for r in self.replicas)
 
 
 @dataclass
@@ -129,6 +118,7 @@ class Outcome:
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     signal: int | None = None
     elapsed: float = 0.0
+    lost: dict[str, dict[str, int]] = field(default_factory=dict)  # see losses.py
 
     @property
     def exit_code(self) -> int:
@@ -153,6 +143,11 @@ class Supervisor:
         self.stages = [StageState(s.name, [ReplicaState(s.replica_name(i), s.name, i)
                                            for i in range(s.replicas)]) for s in spec.stages]
         self.replicas = {r.name: r for st in self.stages for r in st.replicas}
+        self.handlers: dict[str, Callable[[ReplicaState, dict[str, Any]], None]] = {
+            protocol.HELLO: self._on_hello, protocol.READY: self._on_ready,
+            protocol.RECEIVED: self._on_received, protocol.DONE: self._on_done,
+            protocol.ERROR: self._on_error, protocol.ABORTED: self._on_aborted}
+        self.strangers = 0  # control messages from peers that are not replicas
         self.failures: list[Failure] = []
         self.pending_signals: list[int] = []
         self.interrupted: int | None = None
@@ -177,34 +172,53 @@ class Supervisor:
         try:
             while not all(r.exited for r in self.replicas.values()):
                 self._tick()
+            # A replica's last report is sent before it exits; one whose exit
+            # was seen in the same tick may still be waiting here.
+            self._read_messages()
         finally:
             self.router.close(0)
             stop_authenticator(self.ctx)
+        if self.strangers:
+            self.report(f"ignored {self.strangers} control message(s) from peers that are not "
+                        f"replicas of this pipeline")
         if self.interrupted is not None:
             status = "interrupted"
         else:
             status = "failed" if self.failures else "ok"
         counts = {st.name: {"received": st.items_in, "sent": st.items_out} for st in self.stages}
+        lost = {}
+        if status != "ok":
+            for stage in self.stages:
+                if stage.status != "done":
+                    self.report(f"stage {stage.name!r} stopped: {stage.items_in} in, "
+                                f"{stage.items_out} out")
+            lost = losses.losses(self.stages)
+            for line in losses.describe(lost):
+                self.report(line)
         return Outcome(status, self.failures, counts, self.interrupted,
-                       time.monotonic() - self.started_at)
+                       time.monotonic() - self.started_at, lost)
 
     # -- loop --------------------------------------------------------------
 
     def _tick(self) -> None:
         if self.router.poll(TICK_MS):
-            while True:
-                try:
-                    identity, data = self.router.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except ValueError:
-                    continue
-                self._on_message(identity.decode(errors="replace"), data)
+            self._read_messages()
         for name, status in self.workers.exited().items():
             self._on_exit(self.replicas[name], status)
         while self.pending_signals:
             self._on_signal(self.pending_signals.pop(0))
         self._check_timers()
+
+    def _read_messages(self) -> None:
+        """Handle every message waiting, without waiting for more."""
+        while True:
+            try:
+                identity, data = self.router.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except ValueError:
+                continue
+            self._on_message(identity.decode(errors="replace"), data)
 
     def _send(self, replica: ReplicaState, kind: str, **fields: Any) -> None:
         if not replica.exited:
@@ -213,37 +227,48 @@ class Supervisor:
                 replica.exited = True  # its work is over; it closes by itself
 
     def _on_message(self, identity: str, data: bytes) -> None:
+        heartbeat = identity.endswith("/hb")
+        replica = self.replicas.get(identity[:-3] if heartbeat else identity)
+        if replica is None:
+            # Anyone who can reach the control socket may send anything; only
+            # the pipeline's own replicas are listened to.
+            self._stranger(identity, data)
+            return
         try:
             kind, fields = protocol.unpack(data)
         except protocol.VersionMismatch as exc:
-            name = identity.removesuffix("/hb")
-            stage = self.replicas[name].stage if name in self.replicas else "?"
-            self._fail(Failure(stage, name, "error", exc_type="zpipe.VersionMismatch",
-                               message=str(exc)))
+            self._fail(Failure(replica.stage, replica.name, "error",
+                               exc_type="zpipe.VersionMismatch", message=str(exc)))
             return
         except ValueError as exc:
-            self.report(f"ignored a control message from {identity!r}: {exc}")
+            self.report(f"ignored a control message from replica {identity}: {exc}")
             return
-        if identity.endswith("/hb"):
+        if heartbeat:
             self.router.send_multipart([identity.encode(), protocol.pack(protocol.PING)])
-            beating = self.replicas.get(identity[:-3])
-            if beating is not None:
-                beating.last_seen = time.monotonic()
-            if beating is not None and kind == protocol.HEARTBEAT:
-                counts = (int(fields.get("received", 0)), int(fields.get("sent", 0)))
-                if counts != beating.heartbeat:
-                    beating.heartbeat = counts
+            replica.last_seen = time.monotonic()
+            if kind == protocol.HEARTBEAT:
+                counts = (fields.get("received", 0), fields.get("sent", 0))
+                if counts != replica.heartbeat:
+                    replica.heartbeat = counts
                     self.last_progress = time.monotonic()
+                if not replica.final:
+                    # Until its last report, what it said last (a killed replica sends none).
+                    self._take_counts(replica, fields, final=False)
             return
-        replica = self.replicas.get(identity)
-        if replica is None:
-            self.report(f"ignored a {kind!r} message from unknown replica {identity!r}")
-            return
-        handler = getattr(self, f"_on_{kind}", None)
+        handler = self.handlers.get(kind)
         if handler is None:
-            self.report(f"ignored an unknown {kind!r} message from replica {identity}")
+            self.report(f"ignored a {kind!r} message from replica {identity}: replicas do not "
+                        f"send it")
             return
         handler(replica, fields)
+
+    def _stranger(self, identity: str, data: bytes) -> None:
+        self.strangers += 1
+        if self.strangers <= STRANGERS_REPORTED:
+            self.report(f"ignored a control message from {identity[:80]!r}, which is not one "
+                        f"of this pipeline's replicas ({len(data)} bytes)")
+        elif self.strangers % STRANGERS_EVERY == 0:
+            self.report(f"ignored {self.strangers} control messages from unknown peers so far")
 
     # -- messages ----------------------------------------------------------
 
@@ -276,7 +301,7 @@ class Supervisor:
                 self._send(source, protocol.START)
 
     def _on_received(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
-        replica.reported = int(fields.get("received", 0))
+        replica.reported = fields.get("received", 0)
         self.last_progress = time.monotonic()
         self._check_drained(self._stage_of(replica))
 
@@ -313,16 +338,21 @@ class Supervisor:
         replica.failed = True
         self._take_counts(replica, fields)
         self._fail(Failure(replica.stage, replica.name, "error",
-                           message=str(fields.get("message", "")),
-                           exc_type=fields.get("exc_type"), traceback=fields.get("traceback"),
-                           item_type=fields.get("item_type"), phase=fields.get("phase"),
-                           exception=fields.get("exception")))
+                           message=fields.get("message", ""), exc_type=fields.get("exc_type"),
+                           traceback=fields.get("traceback"), item_type=fields.get("item_type"),
+                           phase=fields.get("phase"), exc_module=fields.get("exc_module"),
+                           exc_qualname=fields.get("exc_qualname"), args=fields.get("args")))
         self._send(replica, protocol.ABORT, reason="failed")
 
+    def _on_aborted(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        self._take_counts(replica, fields)
+
     @staticmethod
-    def _take_counts(replica: ReplicaState, fields: dict[str, Any]) -> None:
-        for name in ("received", "sent", "markers_received", "markers_sent"):
-            setattr(replica, name, int(fields.get(name, getattr(replica, name))))
+    def _take_counts(replica: ReplicaState, fields: dict[str, Any], final: bool = True) -> None:
+        for name in ("received", "sent", "markers_received", "markers_sent", "pending",
+                     "unsent"):
+            setattr(replica, name, fields.get(name, getattr(replica, name)))
+        replica.final = replica.final or final
 
     # -- drain -------------------------------------------------------------
 

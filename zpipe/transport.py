@@ -19,6 +19,8 @@ from .security import Curve
 # this long. zpipe never relies on LINGER to deliver items: a replica exits
 # only once the supervisor has counted its outputs downstream.
 LINGER_MS = 1000
+CONTROL_HWM = 1000
+CONTROL_MAX_MESSAGE = 4 * 1024 * 1024
 
 # For the hot path: pyzmq's enum members cost a Python-level enum operation
 # (about 1 us) wherever a flag is combined or tested; plain ints do not.
@@ -131,8 +133,14 @@ def router(ctx: zmq.Context, address: str, curve: Curve | None = None) -> zmq.So
     sock = _socket(ctx, zmq.ROUTER)
     if curve is not None:
         curve.server(ctx, sock)
-    sock.setsockopt(zmq.RCVHWM, 0)  # control traffic is small; never drop a report
-    sock.setsockopt(zmq.SNDHWM, 0)
+    # A ROUTER never drops what it receives at the HWM (it stops reading that
+    # peer), so a finite one bounds what a flooding stranger can make us hold;
+    # a replica's control traffic is a few messages at a time.
+    sock.setsockopt(zmq.RCVHWM, CONTROL_HWM)
+    sock.setsockopt(zmq.SNDHWM, 0)  # never drop a command to a replica
+    # An ERROR report is well under this (failures.MAX_TEXT); a peer sending
+    # more is disconnected by ZeroMQ before the message is held.
+    sock.setsockopt(zmq.MAXMSGSIZE, CONTROL_MAX_MESSAGE)
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
