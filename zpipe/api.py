@@ -9,11 +9,12 @@ exception, with the stage and the remote traceback attached.
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import math
 import multiprocessing
+import multiprocessing.util  # before our atexit hook (below), which must run before its one
 import os
-import pickle
 import queue
 import re
 import shutil
@@ -24,20 +25,25 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import zmq
 
-from . import shapes, worker
-from .config import Addresses, PipelineSpec, from_dict, plan_addresses
-from .errors import StageError
+from . import losses, shapes, worker
+from .config import (Addresses, PipelineSpec, check_ipc_paths, from_dict, plan_addresses,
+                     with_overrides)
+from .errors import ConfigError
+from .failures import rebuild
+from .janitor import Janitor
+from .preflight import check_keys
 from .processes import ForkedHandle, Processes, Threads
 from .security import stop_authenticator
-from .supervisor import Failure, Outcome, Supervisor, signals_stop
+from .supervisor import Outcome, Supervisor, signals_stop
 
 log = logging.getLogger("zpipe")
 
 MODES = ("process", "thread")
+FORGOTTEN_WAIT = 10.0  # at exit, seconds a forgotten Pipeline has to stop by itself
 
 
 @dataclass
@@ -106,28 +112,41 @@ def run(tasks: Sequence[Task] | PipelineSpec, mode: str = "process", hwm: int | 
     ``tasks`` is a list of ``Task`` (the first is the source) or a spec from
     ``zpipe.load("pipeline.toml")``. When a stage raises, so does ``run``, with
     the original exception type; a replica that dies raises ``StageError``.
-    Ctrl-C stops the source and drains for ``grace`` seconds, then raises
-    KeyboardInterrupt. Nothing is left running when ``run`` returns or raises.
+    Ctrl-C (SIGINT) and SIGTERM stop the source and drain for ``grace``
+    seconds; then ``run`` raises KeyboardInterrupt after SIGINT and
+    ``SystemExit(143)`` after SIGTERM (the caller ends as SIGTERM would have
+    ended it, but only once the pipeline has stopped in order). Called from
+    another thread than the main one, signals are the caller's to handle.
+    Nothing is left running when ``run`` returns or raises.
     """
     if isinstance(tasks, PipelineSpec):
-        spec = tasks
         changes = {k: v for k, v in (("inactivity_timeout", inactivity_timeout),
                                      ("grace", grace)) if v is not None}
-        spec = replace(spec, **changes) if changes else spec
+        spec = with_overrides(tasks, **changes)
     else:
         spec = spec_from_tasks(tasks, name, hwm, inactivity_timeout, grace)
     callees = shapes.resolve_spec(spec)
     execution = Execution(spec, callees, mode)
     try:
-        with signals_stop(execution.request_stop, (signal.SIGINT,)):
+        with signals_stop(execution.request_stop):
             execution.start()
             outcome = execution.supervise()
     finally:
         execution.close()
     if outcome.status == "interrupted":
-        raise KeyboardInterrupt
+        stop: BaseException = SystemExit(128 + signal.SIGTERM) \
+            if outcome.signal == signal.SIGTERM else KeyboardInterrupt()
+        raise _with_losses(stop, outcome)
     raise_failure(outcome)
     return outcome
+
+
+def _with_losses(exc: BaseException, outcome: Outcome) -> BaseException:
+    """``exc`` with a note of what the run lost in flight, if it lost anything."""
+    lines = losses.describe(outcome.lost)
+    if lines:
+        exc.add_note("zpipe: " + "\nzpipe: ".join(lines))
+    return exc
 
 
 def raise_failure(outcome: Outcome) -> None:
@@ -135,31 +154,7 @@ def raise_failure(outcome: Outcome) -> None:
     if not outcome.failures:
         return
     failure = outcome.failures[0]
-    raise _exception(failure)
-
-
-def _exception(failure: Failure) -> BaseException:
-    exc: BaseException | None = None
-    if failure.exception is not None:
-        try:
-            exc = pickle.loads(failure.exception)
-        except Exception:  # noqa: BLE001 - fall back to a StageError with the text
-            exc = None
-    if not isinstance(exc, BaseException):
-        return StageError(failure.describe(), stage=failure.stage, replica=_replica(failure),
-                          exc_type=failure.exc_type, remote_traceback=failure.traceback)
-    exc.stage = failure.stage  # type: ignore[attr-defined]
-    exc.replica = _replica(failure)  # type: ignore[attr-defined]
-    exc.remote_traceback = failure.traceback  # type: ignore[attr-defined]
-    exc.add_note(f"zpipe: raised in stage {failure.stage!r}, replica {failure.replica}"
-                 + (f"; its traceback there:\n{failure.traceback.rstrip()}"
-                    if failure.traceback else ""))
-    return exc
-
-
-def _replica(failure: Failure) -> int | None:
-    number = failure.replica.rsplit("-", 1)[-1]
-    return int(number) if number.isdigit() else None
+    raise _with_losses(rebuild(failure), outcome)
 
 
 _running: "weakref.WeakSet[Execution]" = weakref.WeakSet()
@@ -168,10 +163,15 @@ _running: "weakref.WeakSet[Execution]" = weakref.WeakSet()
 @atexit.register
 def _stop_forgotten_pipelines() -> None:
     # A Pipeline started and never stopped must not keep the interpreter from
-    # exiting (multiprocessing would wait for its processes forever).
+    # exiting (multiprocessing would wait for its processes forever). Its
+    # supervisor is told to kill everything and given a moment to finish;
+    # only then is it closed from here.
     for execution in list(_running):
-        execution.processes.kill(list(execution.processes.handles))
-        execution.close()
+        execution.request_stop()
+        execution.request_stop()
+        if not execution.closed.wait(FORGOTTEN_WAIT):
+            execution.processes.kill(list(execution.processes.handles))
+            execution.close()
 
 
 class Execution:
@@ -190,12 +190,21 @@ class Execution:
         self.mode = mode
         self.thread_stages = set(threads) | ({s.name for s in spec.stages}
                                              if mode == "thread" else set())
+        if spec.keys is not None:
+            check_keys(spec)
         self.runtime_dir: str | None = None
         if mode == "process":
             self.runtime_dir = tempfile.mkdtemp(prefix=f"zpipe-{spec.name}-")
+            try:
+                check_ipc_paths(spec, self.runtime_dir)
+            except ConfigError:
+                shutil.rmtree(self.runtime_dir, ignore_errors=True)
+                raise
             self.addresses = plan_addresses(spec, self.runtime_dir)
         else:
             self.addresses = _inproc_addresses(spec)
+        self.janitor: Janitor | None = None
+        self.closed = threading.Event()
         self.processes = Processes()
         self.threads = Threads()
         self.workers = _Both(self.processes, self.threads)
@@ -216,19 +225,28 @@ class Execution:
                 wiring[stage.replica_name(replica)] = worker.wiring_for(
                     spec, self.addresses, stage.name, replica)
         _running.add(self)
+        forked = [(stage, callee) for stage, callee in zip(spec.stages, self.callees)
+                  if stage.name not in self.thread_stages]
+        if forked:
+            # Whatever ends this process, the watcher ends its replicas and
+            # removes the runtime folder (see janitor.py).
+            self.janitor = Janitor(self.runtime_dir)
         # Fork first: a child must not inherit this process's ZeroMQ context
-        # or its threads.
+        # or its threads. The children's parent-death signal comes when the
+        # thread that forks them ends (Linux ties it to the thread): this
+        # thread must live as long as the pipeline (run()'s caller, or a
+        # Pipeline's supervising thread).
         fork = multiprocessing.get_context("fork")
-        for stage, callee in zip(spec.stages, self.callees):
-            if stage.name in self.thread_stages:
-                continue
+        for stage, callee in forked:
             for replica in range(stage.replicas):
                 name = stage.replica_name(replica)
+                assert self.janitor is not None
                 process = fork.Process(target=worker.forked_main, name=f"zpipe-{name}",
                                        args=(callee, replica, stage.replicas, wiring[name],
-                                             os.getpid()))
+                                             os.getpid(), (self.janitor.fd,)))
                 process.start()
                 self.processes.add(name, ForkedHandle(process))
+                self.janitor.watch(process.pid)
         self.ctx = zmq.Context()
         self.supervisor = Supervisor(spec, self.addresses.control, self.workers, log.info,
                                      ctx=self.ctx)
@@ -253,9 +271,12 @@ class Execution:
         self.threads.reap()
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self.janitor is not None:
+            self.janitor.close()
         if self.ctx is not None and not any(t.is_alive() for t in self.threads.threads.values()):
             stop_authenticator(self.ctx)
             self.ctx.term()
+        self.closed.set()
 
 
 def _thread_body(callee: shapes.Callee, replica: int, replicas: int, wiring: Any,
@@ -294,6 +315,49 @@ class _Both:
 
 _END = object()
 QUEUE_POLL = 0.1
+PUT_WAIT_WARNING = 10.0  # seconds a put() waits on unread results before it says so
+
+
+class _Results:
+    """What the last stage returns, until ``get()`` takes it: bounded like every
+    link (its stage waits while it is full), until ``lift()`` (after setstop,
+    what is still in flight is finite and must not wait on a reader)."""
+
+    def __init__(self, bound: int):
+        self.bound: int | None = bound
+        self.items: collections.deque[Any] = collections.deque()
+        self.changed = threading.Condition()
+
+    def put(self, item: Any, give_up: Callable[[], bool]) -> None:
+        with self.changed:
+            while self.bound is not None and len(self.items) >= self.bound:
+                if give_up():
+                    return  # the pipeline is aborting: nobody will read it
+                self.changed.wait(QUEUE_POLL)
+            self.items.append(item)
+            self.changed.notify_all()
+
+    def get(self, timeout: float) -> Any:
+        """The oldest result; queue.Empty after ``timeout`` seconds without one."""
+        with self.changed:
+            if not self.items:
+                self.changed.wait(timeout)
+            if not self.items:
+                raise queue.Empty
+            item = self.items.popleft()
+            self.changed.notify_all()
+            return item
+
+    def full(self) -> bool:
+        return self.bound is not None and len(self.items) >= self.bound
+
+    def lift(self) -> None:
+        with self.changed:
+            self.bound = None
+            self.changed.notify_all()
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class Pipeline:
@@ -303,15 +367,18 @@ class Pipeline:
     included. ``put`` blocks while the first buffer is full (backpressure, never
     a drop); ``setstop()`` finishes every item already put, then stops every
     stage. What the last stage returns can be read with ``get()`` or by
-    iterating. A stage's error is raised at the next ``put``, ``get`` or
-    ``setstop``. ``buffer_size`` is each stage's input high-water mark (an int,
-    or one per stage); ``multiprocess=False`` runs the stages as threads.
+    iterating; while it is not read, results wait in a buffer as large as the
+    last stage's, and then ``put`` waits too. A stage's error is raised at the
+    next ``put``, ``get`` or ``setstop``. ``end_stage`` (ParallelPipe's) is
+    added after ``stages``. ``buffer_size`` is each stage's input high-water
+    mark (an int, or one per stage, ``end_stage`` included);
+    ``multiprocess=False`` runs the stages as threads.
     """
 
-    def __init__(self, stages: Sequence[Any], buffer_size: int | Sequence[int] = 2,
-                 multiprocess: bool = True, inactivity_timeout: float | None = None,
-                 name: str = "pipeline"):
-        stages = list(stages)
+    def __init__(self, stages: Sequence[Any], end_stage: Any = None,
+                 buffer_size: int | Sequence[int] = 2, multiprocess: bool = True,
+                 inactivity_timeout: float | None = None, name: str = "pipeline"):
+        stages = list(stages) + ([end_stage] if end_stage is not None else [])
         if not stages:
             raise ValueError("Pipeline needs at least one stage")
         sizes = [buffer_size] * len(stages) if isinstance(buffer_size, int) else list(buffer_size)
@@ -321,16 +388,26 @@ class Pipeline:
         tasks = [Task(self._feed, name="zpipe-put", hwm=sizes[0])]
         tasks += [replace(s, hwm=size if s.hwm is None else s.hwm) if isinstance(s, Task)
                   else Task(s, hwm=size) for s, size in zip(stages, sizes)]
-        tasks.append(Task(self._collect, name="zpipe-get"))
+        # The results' end is bounded like the stages' inputs: the last buffer size.
+        tasks.append(Task(self._collect, name="zpipe-get", hwm=sizes[-1]))
         self.spec = spec_from_tasks(tasks, name, inactivity_timeout=inactivity_timeout)
         self.callees = shapes.resolve_spec(self.spec)
         self.mode = "process" if multiprocess else "thread"
         self.inputs: queue.Queue[Any] = queue.Queue(maxsize=sizes[0])
-        self.outputs: queue.Queue[Any] = queue.Queue()
+        self.outputs = _Results(sizes[-1])
         self.execution: Execution | None = None
         self.supervising: threading.Thread | None = None
         self.outcome: Outcome | None = None
         self.stopping = False
+        self.warned = False
+
+    def __len__(self) -> int:
+        """The number of stages (ParallelPipe's ``len(P)``)."""
+        return len(self.spec.stages) - 2
+
+    def _aborting(self) -> bool:
+        supervisor = self.execution.supervisor if self.execution else None
+        return supervisor is not None and supervisor.aborting_since is not None
 
     # The two ends, run as threads of this process.
     def _feed(self) -> Iterator[Any]:
@@ -338,8 +415,7 @@ class Pipeline:
             try:
                 item = self.inputs.get(timeout=QUEUE_POLL)
             except queue.Empty:
-                supervisor = self.execution.supervisor if self.execution else None
-                if supervisor is not None and supervisor.aborting_since is not None:
+                if self._aborting():
                     return
                 continue
             if item is _END:
@@ -347,23 +423,41 @@ class Pipeline:
             yield item
 
     def _collect(self, item: Any) -> None:
-        self.outputs.put(item)
+        self.outputs.put(item, self._aborting)
 
     def start(self) -> "Pipeline":
         if self.execution is not None:
             raise RuntimeError("this Pipeline was already started")
-        self.execution = Execution(self.spec, self.callees, self.mode,
-                                   threads=("zpipe-put", "zpipe-get"))
-        self.execution.start()
+        execution = self.execution = Execution(self.spec, self.callees, self.mode,
+                                               threads=("zpipe-put", "zpipe-get"))
+        started = threading.Event()
+        failed: list[BaseException] = []
 
         def supervise() -> None:
+            # The replicas are forked here, not in the caller's thread: their
+            # parent-death signal follows the thread that forks them, and this
+            # one lives exactly as long as the pipeline.
+            outcome = None
             try:
-                self.outcome = self.execution.supervise()
+                try:
+                    execution.start()
+                except BaseException as exc:
+                    failed.append(exc)
+                    return
+                finally:
+                    started.set()
+                outcome = execution.supervise()
             finally:
-                self.execution.close()
+                execution.close()
+                # Only now, with everything ended, may callers see the outcome.
+                self.outcome = outcome
         self.supervising = threading.Thread(target=supervise, name="zpipe-supervisor",
                                             daemon=True)
         self.supervising.start()
+        started.wait()
+        if failed:
+            self.supervising.join()
+            raise failed[0]
         return self
 
     @property
@@ -376,11 +470,16 @@ class Pipeline:
         if self.outcome is not None:
             raise_failure(self.outcome)
 
-    def put(self, x: Any) -> None:
-        """Hand one item to the first stage; blocks while its buffer is full."""
+    def put(self, x: Any, timeout: float | None = None) -> None:
+        """Hand one item to the first stage; blocks while its buffer is full.
+
+        Raises TimeoutError after ``timeout`` seconds without room.
+        """
         self._check()
         if self.stopping or self.finished:
             raise RuntimeError("this Pipeline has been stopped; put() takes no more items")
+        since = time.monotonic()
+
         def attempt() -> None:
             try:
                 self.inputs.put(x, timeout=QUEUE_POLL)
@@ -389,6 +488,15 @@ class Pipeline:
                     self._check()
                     raise RuntimeError("the pipeline has stopped; put() takes no more items") \
                         from None
+                waited = time.monotonic() - since
+                if timeout is not None and waited > timeout:
+                    raise TimeoutError(f"no room for the item within {timeout:g} s") from None
+                if waited > PUT_WAIT_WARNING and self.outputs.full() and not self.warned:
+                    self.warned = True
+                    log.warning("zpipe: put() has waited %.0f s: the pipeline holds %d results "
+                                "nobody has read; read them with get() or by iterating over "
+                                "the Pipeline (from another thread if this one puts)",
+                                waited, len(self.outputs))
                 raise
         self._blocking(attempt, queue.Full)
 
@@ -409,6 +517,8 @@ class Pipeline:
         self._check()
         if not self.stopping:
             self.stopping = True
+            # From here what is in flight is finite: results need no reader to drain.
+            self.outputs.lift()
             self._blocking(lambda: self.inputs.put(_END, timeout=QUEUE_POLL), queue.Full)
         self._blocking(self._join, TimeoutError)
         self._check()
@@ -442,7 +552,7 @@ class Pipeline:
             try:
                 return self.outputs.get(timeout=QUEUE_POLL)
             except queue.Empty:
-                if self.finished and self.outputs.empty():
+                if self.finished and not self.outputs:
                     self._check()
                     raise EOFError("the pipeline has stopped and every output was read") \
                         from None

@@ -19,19 +19,25 @@ import threading
 from pathlib import Path
 from typing import IO, Callable
 
-from . import shapes
-from .config import PipelineSpec, apply_environment, load, plan_addresses
+from .config import PipelineSpec, apply_environment, check_ipc_paths, load, plan_addresses
 from .errors import ConfigError
+from .janitor import Janitor
 from .processes import Processes, Remote
 from .shapes import Callee
-from .supervisor import Outcome, Supervisor, signals_stop
+from .supervisor import Outcome, Supervisor, Workers, signals_stop
 from .worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
 
 
 
 def check(spec: PipelineSpec) -> list[Callee]:
-    """Import every stage and check its shape, params and types; raises ConfigError."""
-    return shapes.resolve_spec(spec)
+    """Import every stage and check its shape, params and types; raises ConfigError.
+
+    Also the keys, the ipc paths and the file descriptors, and each import is
+    bounded by startup_timeout (zpipe.preflight): for the command line only,
+    as a module stuck in C code ends the process with exit status 2.
+    """
+    from . import preflight
+    return preflight.check(spec)
 
 
 def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -> str:
@@ -47,7 +53,12 @@ def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -
         if index > 0:
             lines.append(f"     input hwm {stage.hwm}: {', '.join(addresses.inputs[stage.name])}")
         if stage.params:
-            lines.append(f"     params: {stage.params}")
+            try:
+                params = repr(stage.params)
+            except RecursionError:  # params nested nearly as deep as the parser allows
+                import reprlib
+                params = reprlib.repr(stage.params)
+            lines.append(f"     params: {params}")
     return "\n".join(lines)
 
 
@@ -103,21 +114,30 @@ def launch(path: str | Path, grace: float | None = None,
     check(spec)
     report = report or _print_report
     runtime_dir = tempfile.mkdtemp(prefix=f"zpipe-{spec.name}-")
+    try:
+        check_ipc_paths(spec, runtime_dir)  # check() judged by a folder of the same length
+    except ConfigError:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        raise
+    janitor = Janitor(runtime_dir)  # first: from here on, nothing may outlive us
     workers = Processes()
     pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer)
     stop_on_signals = contextlib.ExitStack()
     try:
         addresses = plan_addresses(spec, runtime_dir)
-        supervisor = Supervisor(spec, addresses.control, workers, report, grace=grace)
+        supervisor = _supervisor(spec, addresses.control, workers, report, grace)
         stop_on_signals.enter_context(signals_stop(supervisor.request_stop))
         env = {**os.environ, ENV_RUNTIME_DIR: runtime_dir, ENV_PARENT_PID: str(os.getpid()),
                "PYTHONUNBUFFERED": "1"}
         for stage in spec.stages:
             for replica in range(stage.replicas):
                 name = stage.replica_name(replica)
-                argv = [sys.executable, "-m", "zpipe", "stage", str(path), stage.name,
-                        "--replica", str(replica)]
-                pump.add(name, workers.popen(name, argv, env))
+                # "--": a stage name is never taken for an option.
+                argv = [sys.executable, "-m", "zpipe", "stage", "--replica", str(replica),
+                        "--", str(path), stage.name]
+                proc = workers.popen(name, argv, env)
+                janitor.watch(proc.pid)
+                pump.add(name, proc)
         pump.start()
         outcome = supervisor.run()
         report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
@@ -128,6 +148,7 @@ def launch(path: str | Path, grace: float | None = None,
             pump.join(1.0)  # a grandchild may hold a pipe open: do not wait on it
         stop_on_signals.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
+        janitor.close()
 
 
 def supervise(path: str | Path, grace: float | None = None,
@@ -139,13 +160,21 @@ def supervise(path: str | Path, grace: float | None = None,
                           f"so every address must be tcp: set [pipeline] control and each "
                           f"later stage's address (or ZPIPE_CONTROL, ZPIPE_ADDRESS_<STAGE>)")
     report = report or _print_report
-    supervisor = Supervisor(spec, spec.control, Remote(), report, grace=grace)
+    supervisor = _supervisor(spec, spec.control, Remote(), report, grace)
     with signals_stop(supervisor.request_stop):
         report(f"{spec.name}: supervisor at {spec.control}, waiting for "
                f"{sum(s.replicas for s in spec.stages)} replicas")
         outcome = supervisor.run()
     report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
     return outcome
+
+
+def _supervisor(spec: PipelineSpec, control: str, workers: Workers,
+                report: Callable[[str], None], grace: float | None) -> Supervisor:
+    try:
+        return Supervisor(spec, control, workers, report, grace=grace)
+    except OSError as exc:  # the file's control address is taken, or not this host's
+        raise ConfigError(f"{spec.where}: [pipeline] control: {exc}") from None
 
 
 def _print_report(text: str) -> None:

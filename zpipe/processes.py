@@ -86,6 +86,7 @@ class Threads:
         self.threads: dict[str, threading.Thread] = {}
         self.status: dict[str, int] = {}
         self.reported: set[str] = set()
+        self.terminated: set[str] = set()
 
     def start(self, name: str, run: Callable[[], int]) -> None:
         def target() -> None:
@@ -110,10 +111,14 @@ class Threads:
 
     def terminate(self, names: list[str]) -> None:
         # A thread cannot be killed; the closest is an exception raised in it
-        # at its next Python instruction (not inside a blocking C call).
+        # at its next Python instruction (not inside a blocking C call). Once
+        # per thread, as a process takes SIGTERM once: another would cut its
+        # teardown short.
         for name in names:
             thread = self.threads.get(name)
-            if thread is not None and thread.is_alive() and thread.ident is not None:
+            if thread is not None and thread.is_alive() and thread.ident is not None and \
+                    name not in self.terminated:
+                self.terminated.add(name)
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident),
                                                            ctypes.py_object(SystemExit))
 

@@ -19,14 +19,13 @@ import zmq
 from . import shapes
 from .config import Addresses, PipelineSpec, StageSpec, plan_addresses
 from .errors import ConfigError
-from .runtime import Heartbeat, Replica, Wiring
+from .runtime import EXIT_TERMINATED, Heartbeat, Replica, Wiring
 from .security import Curve, stop_authenticator
 
 ENV_RUNTIME_DIR = "ZPIPE_RUNTIME_DIR"
 ENV_PARENT_PID = "ZPIPE_PARENT_PID"
 ENV_SUPERVISOR_TIMEOUT = "ZPIPE_SUPERVISOR_TIMEOUT"
 DEFAULT_SUPERVISOR_TIMEOUT = 5.0
-EXIT_TERMINATED = 143
 PR_SET_PDEATHSIG = 1
 HEARTBEAT_JOIN_TIMEOUT = 5.0
 
@@ -98,6 +97,9 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
         supervisor_timeout = float(os.environ.get(ENV_SUPERVISOR_TIMEOUT,
                                                   DEFAULT_SUPERVISOR_TIMEOUT))
     worker = Replica(callee, replica, replicas, wiring, context)
+    global _serving
+    if own:
+        _serving = worker
     timeout = supervisor_timeout
     heartbeat = Heartbeat(context, wiring.control, worker.name, worker.counts, timeout,
                           on_lost=lambda: _supervisor_lost(worker.name, timeout),
@@ -118,15 +120,35 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
 
 
 def forked_main(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
-                parent: int) -> None:
-    """Entry point of a replica forked by zpipe.run (mode="process")."""
+                parent: int, close_fds: tuple[int, ...] = ()) -> None:
+    """Entry point of a replica forked by zpipe.run (mode="process").
+
+    ``close_fds`` are descriptors of the caller's that a fork inherits and must
+    not keep open (the janitor's pipe, which must close when the caller dies).
+    """
+    for fd in close_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     become_replica_process(parent)
     sys.exit(serve(callee, replica, replicas, wiring))
 
 
+_serving: Replica | None = None  # the replica this process runs
+
+
 def _terminate(signum: int, frame: object) -> None:
     # SystemExit, not an Exception: user code's `except Exception` must not
-    # swallow it, and finally blocks (teardown) still run.
+    # swallow it, and finally blocks (teardown) still run. Once only: a
+    # second SIGTERM (the parent's death after the supervisor's terminate, a
+    # signal to the whole group) must not cut that cleanup short, and one
+    # that comes while teardown() runs waits for it to end. SIGKILL remains
+    # for a replica that does not finish.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if _serving is not None and _serving.tearing_down:
+        _serving.terminate_after_teardown = True
+        return
     raise SystemExit(EXIT_TERMINATED)
 
 
