@@ -388,3 +388,28 @@ def test_file_descriptors_for_the_replicas(in_process, monkeypatch):
     monkeypatch.setattr(resource, "setrlimit", lambda which, limits: raised.append(limits))
     check(path)
     assert raised == [(preflight.FDS_BASE + 2 * preflight.FDS_PER_REPLICA, 1000)]
+
+
+def test_a_control_address_that_cannot_be_bound_is_a_clear_error(project):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        project.pipeline(f'''
+            [pipeline]
+            name = "bound"
+            control = "tcp://127.0.0.1:{port}"
+            [[stages]]
+            name = "source"
+            run = "stages:numbers"
+            [[stages]]
+            name = "sink"
+            run = "stages:sink"
+        ''', "def numbers():\n    yield 1\n\ndef sink(x):\n    pass\n")
+        result = project.launch(timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "[pipeline] control: cannot bind the supervisor's control socket " \
+           f"tcp://127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
