@@ -78,12 +78,12 @@ def run_to_end(name: str, stages: list[dict], hwm: int = 100,
 
 
 def stage_pids(launcher: int) -> dict[str, int]:
-    """Stage name -> pid of each `zpipe stage FILE NAME` process under the launcher."""
+    """Stage name -> pid of each `zpipe stage --replica I -- FILE NAME` process under the launcher."""
     found = {}
     for pid in descendants(launcher):
         argv = cmdline(pid)
-        if "stage" in argv and argv.index("stage") + 2 < len(argv):
-            found[argv[argv.index("stage") + 2]] = pid
+        if "stage" in argv and "--" in argv and argv.index("--") + 2 < len(argv):
+            found[argv[argv.index("--") + 2]] = pid
     return found
 
 
