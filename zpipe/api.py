@@ -53,7 +53,9 @@ class Task:
     ``fn`` is a function, a ``zpipe.Stage`` subclass or instance; ``params``
     its keyword arguments; ``replicas`` how many run side by side; ``hwm`` the
     stage's input high-water mark; ``ordered`` makes a replicated stage's
-    outputs leave in input order.
+    outputs leave in input order. ``restart``, ``max_restarts``,
+    ``restart_window``, ``on_error``, ``max_errors`` and ``item_timeout`` are
+    pipeline.toml's fields of the same names (README: "When replicas fail").
     """
 
     fn: Any
@@ -63,6 +65,12 @@ class Task:
     name: str | None = None
     stream: bool | None = None
     ordered: bool = False
+    restart: str | None = None
+    max_restarts: int | None = None
+    restart_window: float | None = None
+    on_error: str | None = None
+    max_errors: int | None = None
+    item_timeout: float | None = None
 
 
 def _default_name(fn: Any) -> str:
@@ -70,9 +78,13 @@ def _default_name(fn: Any) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "stage"
 
 
+_OPTIONAL_FIELDS = ("hwm", "stream", "restart", "max_restarts", "restart_window", "on_error",
+                    "max_errors", "item_timeout")
+
+
 def spec_from_tasks(tasks: Sequence[Task], name: str = "pipeline", hwm: int | None = None,
-                    inactivity_timeout: float | None = None,
-                    grace: float | None = None) -> PipelineSpec:
+                    inactivity_timeout: float | None = None, grace: float | None = None,
+                    dead_letters: str | os.PathLike[str] | None = None) -> PipelineSpec:
     """A validated PipelineSpec for Python tasks (the same checks as pipeline.toml)."""
     tasks = [t if isinstance(t, Task) else Task(t) for t in tasks]
     names: list[str] = []
@@ -87,7 +99,8 @@ def spec_from_tasks(tasks: Sequence[Task], name: str = "pipeline", hwm: int | No
         names.append(candidate)
     pipeline: dict[str, Any] = {"name": name}
     for key, value in (("hwm", hwm), ("inactivity_timeout", inactivity_timeout),
-                       ("grace", grace)):
+                       ("grace", grace),
+                       ("dead_letters", None if dead_letters is None else str(dead_letters))):
         if value is not None:
             pipeline[key] = value
     stages = []
@@ -95,10 +108,9 @@ def spec_from_tasks(tasks: Sequence[Task], name: str = "pipeline", hwm: int | No
         raw: dict[str, Any] = {"name": stage_name, "run": f"python:{stage_name}",
                                "params": task.params or {}, "replicas": task.replicas,
                                "ordered": task.ordered}
-        if task.hwm is not None:
-            raw["hwm"] = task.hwm
-        if task.stream is not None:
-            raw["stream"] = task.stream
+        for key in _OPTIONAL_FIELDS:
+            if getattr(task, key) is not None:
+                raw[key] = getattr(task, key)
         stages.append(raw)
     return from_dict({"pipeline": pipeline, "stages": stages}, where=f"pipeline {name!r}",
                      targets=[t.fn for t in tasks])
@@ -106,7 +118,7 @@ def spec_from_tasks(tasks: Sequence[Task], name: str = "pipeline", hwm: int | No
 
 def run(tasks: Sequence[Task] | PipelineSpec, mode: str = "process", hwm: int | None = None,
         inactivity_timeout: float | None = None, grace: float | None = None,
-        name: str = "pipeline") -> Outcome:
+        name: str = "pipeline", dead_letters: str | os.PathLike[str] | None = None) -> Outcome:
     """Run a pipeline to its end in this process's care; returns its Outcome.
 
     ``tasks`` is a list of ``Task`` (the first is the source) or a spec from
@@ -124,7 +136,7 @@ def run(tasks: Sequence[Task] | PipelineSpec, mode: str = "process", hwm: int | 
                                      ("grace", grace)) if v is not None}
         spec = with_overrides(tasks, **changes)
     else:
-        spec = spec_from_tasks(tasks, name, hwm, inactivity_timeout, grace)
+        spec = spec_from_tasks(tasks, name, hwm, inactivity_timeout, grace, dead_letters)
     callees = shapes.resolve_spec(spec)
     execution = Execution(spec, callees, mode)
     try:

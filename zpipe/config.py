@@ -67,9 +67,18 @@ TCP_RE = re.compile(r"tcp://(?P<host>[A-Za-z0-9._{}-]+|\[[0-9A-Za-z:.%]+\]):(?P<
 
 REPLICA = "{replica}"
 PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout",
-                 "keys", "max_message_size"}
+                 "keys", "max_message_size", "dead_letters"}
 STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered",
-              "max_message_size"}
+              "max_message_size", "restart", "max_restarts", "restart_window", "on_error",
+              "max_errors", "item_timeout"}
+
+# Resilience (README: "When replicas fail").
+RESTART_POLICIES = ("no", "on-failure")
+ERROR_POLICIES = ("fail", "skip", "dead-letter")
+DEFAULT_MAX_RESTARTS = 5
+DEFAULT_RESTART_WINDOW = 60.0
+MAX_RESTARTS_LIMIT = 10_000
+DEFAULT_DEAD_LETTERS = "dead-letters"  # next to pipeline.toml
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,25 @@ class StageSpec:
     address: str | None = None
     ordered: bool = False
     max_message_size: int | None = None  # bytes per frame this stage accepts (ZMQ_MAXMSGSIZE)
+    restart: str = "no"              # "on-failure": a replica that dies is started again
+    max_restarts: int = DEFAULT_MAX_RESTARTS   # ... at most this often within restart_window
+    restart_window: float = DEFAULT_RESTART_WINDOW
+    on_error: str = "fail"           # what an item whose call raises does: fail, skip, dead-letter
+    max_errors: int | None = None    # skipped or dead-lettered items beyond this fail the run
+    item_timeout: float | None = None  # a call on one item running longer is a stuck call
     # The callable itself, for pipelines declared in Python (zpipe.Task);
     # ``run`` is then only a label.
     target: Any = field(default=None, compare=False, repr=False)
 
     def replica_name(self, replica: int) -> str:
         return f"{self.name}-{replica}"
+
+    @property
+    def reliable(self) -> bool:
+        """Whether a replica of this stage may die without failing the run: it is
+        restarted, or siblings take its work. Its input then needs at-least-once
+        delivery (see delivery.py)."""
+        return self.restart == "on-failure" or self.replicas > 1
 
 
 @dataclass(frozen=True)
@@ -105,8 +127,19 @@ class PipelineSpec:
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     inactivity_timeout: float | None = None
     keys: Path | None = None  # CurveZMQ keys folder (zpipe keys): encrypt and authenticate links
+    dead_letters: Path | None = None  # where on_error = "dead-letter" appends items
     base_dir: Path | None = None
     path: Path | None = None
+
+    def leased(self, index: int) -> bool:
+        """Whether the link into stage ``index`` acknowledges each message (delivery.py).
+
+        From the input of the first reliable stage on, every link is leased:
+        a replica may acknowledge an input only once its outputs are
+        acknowledged in turn, so the links after a reliable stage must carry
+        acknowledgements too (a sink's come as its calls return).
+        """
+        return index > 0 and any(stage.reliable for stage in self.stages[:index + 1])
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -200,6 +233,10 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
     keys = pipeline.get("keys")
     if keys is not None:
         keys = _keys_folder(keys, base_dir, at)
+    dead_letters = pipeline.get("dead_letters")
+    if dead_letters is not None and (not isinstance(dead_letters, str) or not dead_letters):
+        raise ConfigError(f"{at} field 'dead_letters' must be a folder (got "
+                          f"{_shown(dead_letters)})")
 
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
@@ -224,9 +261,11 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
                           f"{MAX_TOTAL_REPLICAS} replicas in a pipeline (largest: "
                           + ", ".join(f"{s.name!r} {s.replicas}" for s in largest) + ")")
     check_order(stages, where)
+    if dead_letters is not None or any(s.on_error == "dead-letter" for s in stages):
+        dead_letters = (base_dir or Path.cwd()) / (dead_letters or DEFAULT_DEAD_LETTERS)
     return PipelineSpec(name=name, stages=tuple(stages), hwm=hwm, grace=grace, control=control,
                         startup_timeout=startup, inactivity_timeout=inactivity, keys=keys,
-                        base_dir=base_dir, path=path)
+                        dead_letters=dead_letters, base_dir=base_dir, path=path)
 
 
 # The fields of a loaded spec that zpipe.run may change (``with_overrides``).
@@ -316,9 +355,40 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any,
         if position == 1:
             raise ConfigError(f"{where}: {label}: field 'address' is the address a stage "
                               f"receives on; the first stage receives nothing")
+    label = f"{where}: {label}"
+    restart = _choice(raw, "restart", RESTART_POLICIES, label)
+    max_restarts = _count_field(raw, "max_restarts", DEFAULT_MAX_RESTARTS, label,
+                                MAX_RESTARTS_LIMIT)
+    restart_window = _seconds(raw, "restart_window", DEFAULT_RESTART_WINDOW, label)
+    on_error = _choice(raw, "on_error", ERROR_POLICIES, label)
+    max_errors = raw.get("max_errors")
+    if max_errors is not None:
+        max_errors = _count_field(raw, "max_errors", 0, label, MAX_RESTARTS_LIMIT * 100)
+    item_timeout = raw.get("item_timeout")
+    if item_timeout is not None:
+        item_timeout = _seconds(raw, "item_timeout", 0, label)
     return StageSpec(name=name, run=run, params=params, replicas=replicas, hwm=hwm,
                      stream=stream, address=address, ordered=ordered, target=target,
-                     max_message_size=max_size)
+                     max_message_size=max_size, restart=restart, max_restarts=max_restarts,
+                     restart_window=restart_window, on_error=on_error, max_errors=max_errors,
+                     item_timeout=item_timeout)
+
+
+def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:
+    value = table.get(key, choices[0])
+    if value not in choices:
+        raise ConfigError(f"{where}: field {key!r} must be one of "
+                          f"{', '.join(repr(c) for c in choices)} (got {_shown(value)})")
+    return value
+
+
+def _count_field(table: dict[str, Any], key: str, default: int, where: str, limit: int) -> int:
+    """A whole number from 0 to ``limit``."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise ConfigError(f"{where}: field {key!r} must be a whole number from 0 to "
+                          f"{limit:,} (got {_shown(value)})")
+    return value
 
 
 def _good_name(name: Any) -> bool:
