@@ -169,3 +169,40 @@ def keys(folder: str) -> None:
     from . import security
     for path in security.create_keys(folder):
         click.echo(str(path))
+
+
+@main.command("dead-letters")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--show", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Also print the first N items of each stage, with their exception.")
+def dead_letters(folder: str, show: int) -> None:
+    """List the dead letters in FOLDER: per stage, how many, of which exception types."""
+    from . import deadletters
+    if not os.path.isdir(folder):
+        _fail(ConfigError(f"{folder}: no such folder of dead letters"))
+    try:
+        lines, warnings = deadletters.summary(folder, show)
+    except OSError as exc:
+        _fail(ConfigError(f"{folder}: cannot read: {exc.strerror or exc}"))
+    for line in lines or [f"no dead letters in {folder}"]:
+        click.echo(line)
+    for warning in warnings:
+        click.echo(f"zpipe: warning: {warning}", err=True)
+    _exit(0)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("stage_name", metavar="STAGE")
+@click.argument("file", type=click.Path(dir_okay=False))
+def replay(folder: str, stage_name: str, file: str) -> None:
+    """Run the dead letters of STAGE (in FOLDER) through FILE's pipeline from STAGE on.
+
+    Items that fail again are dead-lettered anew; exit status as for launch.
+    """
+    from .replay import replay as run_replay
+    try:
+        status = run_replay(folder, stage_name, file)
+    except ConfigError as exc:
+        _fail(exc)
+    _exit(status)

@@ -24,6 +24,7 @@ from .errors import ConfigError
 
 if typing.TYPE_CHECKING:
     from .config import PipelineSpec
+    from .itempolicy import ItemErrors, Policy
 from .stage import Stage
 
 
@@ -44,6 +45,8 @@ class Callee:
     target: Any
     shape: Shape
     params: dict[str, Any]
+    # on_error, max_errors, item_timeout (itempolicy.py); None: a failed item fails the stage.
+    policy: "Policy | None" = None
 
     def describe(self) -> str:
         name = getattr(self.target, "__qualname__", type(self.target).__name__)
@@ -219,7 +222,34 @@ def resolve_stage(spec: "PipelineSpec", index: int) -> Callee:
     if stage.ordered and callee.shape is Shape.STREAM:
         raise ConfigError(f"{where}: field 'ordered': a stream function's outputs cannot be "
                           f"matched to its inputs; use a plain function or a zpipe.Stage")
-    return callee
+    return _with_policy(spec, index, callee, where)
+
+
+def _with_policy(spec: "PipelineSpec", index: int, callee: Callee, where: str) -> Callee:
+    """The callee with its stage's per-item policy, where items can be told apart."""
+    stage = spec.stages[index]
+    if stage.on_error == "fail" and stage.item_timeout is None:
+        return callee
+    field = "on_error" if stage.on_error != "fail" else "item_timeout"
+    if callee.shape in (Shape.SOURCE, Shape.SOURCE_CLASS):
+        raise ConfigError(f"{where}: field {field!r}: the first stage has no input items, so "
+                          f"its exceptions cannot be per item (they fail the run); drop it")
+    if callee.shape is Shape.STREAM:
+        raise ConfigError(f"{where}: field {field!r}: a stream function gets all its items in "
+                          f"one call, so an exception (or a stuck call) cannot be told to "
+                          f"belong to one item; make it a plain function (stream = false), "
+                          f"or a zpipe.Stage, or drop {field!r}")
+    from dataclasses import replace
+
+    from .itempolicy import Policy
+    letters = None
+    if stage.on_error == "dead-letter":
+        from .config import DEFAULT_DEAD_LETTERS
+        from .deadletters import path_for
+        letters = path_for(spec.dead_letters or (spec.base_dir or Path.cwd()) /
+                           DEFAULT_DEAD_LETTERS, stage.name)
+    return replace(callee, policy=Policy(stage.on_error, stage.max_errors, stage.item_timeout,
+                                         letters))
 
 
 def resolve_target(stage_name: str, target: Any, params: dict[str, Any], first: bool,
@@ -250,6 +280,11 @@ class Body:
         self.replica = replica
         self.replicas = replicas
         self.instance: Any = None
+        # Failed and stuck items (itempolicy.py), for a stage with on_error or item_timeout.
+        self.errors: "ItemErrors | None" = None
+        if callee.policy is not None and callee.policy.active:
+            from .itempolicy import ItemErrors
+            self.errors = ItemErrors(callee.policy, callee.stage, replica)
 
     def setup(self) -> None:
         if self.callee.shape in (Shape.CLASS, Shape.SOURCE_CLASS):
@@ -296,6 +331,9 @@ class Body:
             else:
                 process = (lambda item: target(item, **params)) if params else target  # noqa: E731
                 items = inputs
+            if self.errors is not None:  # each call guarded, item by item
+                self.errors.run(items, process, send, end_input, shape is Shape.FLATMAP)
+                return
             if shape is not Shape.FLATMAP and end_input is None:
                 for item in items:  # the usual case, every item: kept to the bare loop
                     out = process(item)
