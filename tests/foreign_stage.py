@@ -2,7 +2,9 @@
 
 Usage: python foreign_stage.py CONTROL BIND DOWNSTREAM[,DOWNSTREAM...] NAME-R REPLICAS
 It multiplies every item by ten. REPLICAS is how many replicas its own stage
-has; more than one address downstream means the next stage has several.
+has; in the pipelines it is tested in, more than one replica means its links
+are leased (docs/protocol.md, "Leases"): ROUTER sockets, credits, a lease
+frame on every message and acknowledgements; one means PUSH/PULL.
 """
 
 import os
@@ -13,14 +15,14 @@ import time
 import msgpack
 import zmq
 
-VERSION = 2
+VERSION = 3
 FIRST_CREDITS = 2
 
 
 def main() -> None:
     control, bind, downstream, name, replicas = sys.argv[1:6]
     downstream = downstream.split(",")
-    routed_in, routed_out = int(replicas) > 1, len(downstream) > 1
+    leased = int(replicas) > 1  # the stage has several replicas: every link from here is leased
     ctx = zmq.Context()
     ctl = ctx.socket(zmq.DEALER)
     ctl.setsockopt(zmq.IDENTITY, name.encode())
@@ -34,38 +36,54 @@ def main() -> None:
 
     def command(timeout_ms):
         if not ctl.poll(timeout_ms):
-            return None
+            return None, {}
         version, kind, fields = msgpack.unpackb(ctl.recv(), raw=False)
         assert version == VERSION
-        return kind
+        return kind, fields
 
     tell("hello", pid=os.getpid(), host=socket.gethostname(), version=VERSION)
-    inbox = ctx.socket(zmq.ROUTER if routed_in else zmq.PULL)
+    kind, fields = command(30_000)
+    assert kind == "welcome", kind
+    generation = fields["generation"]
+    inbox = ctx.socket(zmq.ROUTER if leased else zmq.PULL)
     inbox.bind(bind)
-    outbox = ctx.socket(zmq.ROUTER if routed_out else zmq.PUSH)
-    credits = {}
-    if routed_out:
+    outbox = ctx.socket(zmq.ROUTER if leased else zmq.PUSH)
+    credits, seq, waiting = {}, 0, {}  # waiting: my seq -> (sender, its seq), to acknowledge
+    if leased:
         outbox.setsockopt(zmq.ROUTER_MANDATORY, 1)
     for number, address in enumerate(downstream):
-        if routed_out:
+        if leased:
             peer = str(number).encode()
             outbox.setsockopt(zmq.CONNECT_ROUTING_ID, peer)
             credits[peer] = FIRST_CREDITS
         outbox.connect(address)
 
-    def send(frame):
-        if not routed_out:
+    def take_answers(timeout_ms=0):
+        """Credits (an integer) and acknowledgements (a list of seqs) from downstream."""
+        while outbox.poll(timeout_ms):
+            peer, answer = outbox.recv_multipart()
+            value = msgpack.unpackb(answer)
+            if isinstance(value, int):
+                credits[peer] += value
+            else:
+                for mine in value:  # my message is finished downstream: so is its input
+                    sender, theirs = waiting.pop(mine)
+                    inbox.send_multipart([sender, msgpack.packb([theirs])])
+            timeout_ms = 0
+
+    def send(frame, sender=None, theirs=None):
+        nonlocal seq
+        if not leased:
             outbox.send(frame)
             return
         while not any(credits.values()):  # wait for a credit
-            peer, count = outbox.recv_multipart()
-            credits[peer] += msgpack.unpackb(count)
-        while outbox.poll(0):  # and take those that came meanwhile
-            peer, count = outbox.recv_multipart()
-            credits[peer] += msgpack.unpackb(count)
+            take_answers(1000)
+        take_answers()
         peer = max(credits, key=credits.get)
         credits[peer] -= 1
-        outbox.send_multipart([peer, frame])
+        waiting[seq] = (sender, theirs)
+        outbox.send_multipart([peer, msgpack.packb([seq, 0]), frame])  # generation 0: none lost
+        seq += 1
 
     tell("ready")
     received = sent = 0
@@ -73,6 +91,8 @@ def main() -> None:
     poller = zmq.Poller()
     poller.register(inbox, zmq.POLLIN)
     poller.register(ctl, zmq.POLLIN)
+    if leased:
+        poller.register(outbox, zmq.POLLIN)
     while True:
         if time.monotonic() - last_beat > 1:
             beat.send(msgpack.packb([VERSION, "heartbeat", {"received": received, "sent": sent}]))
@@ -80,19 +100,25 @@ def main() -> None:
         while beat.poll(0):
             beat.recv()
         events = dict(poller.poll(100))
+        if outbox in events:
+            take_answers()
         if inbox in events:
             frames = inbox.recv_multipart()
-            if routed_in:  # the sender's id first: give its credit back
-                sender, *frames = frames
+            sender = theirs = None
+            if leased:  # the sender's id, then the lease: a credit back now, the ack later
+                sender, lease, *frames = frames
+                theirs, meant_for = msgpack.unpackb(lease)
+                if meant_for != generation:
+                    continue  # queued for an earlier life of mine: it is sent again anyway
                 inbox.send_multipart([sender, msgpack.packb(1)])
             version, items = msgpack.unpackb(frames[0], raw=False)[:2]
             assert version == VERSION
             received += len(items)
-            send(msgpack.packb([VERSION, [x * 10 for x in items]]))
+            send(msgpack.packb([VERSION, [x * 10 for x in items]]), sender, theirs)
             sent += len(items)
             continue
         if ctl in events:
-            kind = command(0)
+            kind, _ = command(0)
             if kind == "drain":
                 draining = True
             elif kind == "stop":
@@ -103,8 +129,10 @@ def main() -> None:
         if draining and received != reported:  # idle: tell how much has arrived
             tell("received", received=received)
             reported = received
+    while waiting:  # before DONE, on a leased output: everything sent is acknowledged
+        take_answers(100)
     tell("done", received=received, sent=sent)
-    while command(1000) not in ("exit", "abort"):
+    while command(1000)[0] not in ("exit", "abort"):
         beat.send(msgpack.packb([VERSION, "heartbeat", {"received": received, "sent": sent}]))
     for sock in (ctl, beat, inbox, outbox):
         sock.close(1000)

@@ -11,6 +11,7 @@ import zmq
 
 from zpipe import balance, codec, transport
 from zpipe.control import Control
+from zpipe.delivery import Lots
 from zpipe.inbox import Inbox
 
 from conftest import wait_until
@@ -24,8 +25,9 @@ def _replicas(ctx: zmq.Context, count: int, hwm: int = 100):
     up = transport.push(ctx, addresses, hwm, lambda: None, 5.0, balanced=True)
     control = ctx.socket(zmq.DEALER)
     control.connect("inproc://nobody")
-    inboxes = [Inbox(s, Control(control), "work", hwm, balance.Lender(s, hwm)) for s in inputs]
-    return balance.Dispatcher(up, count), inboxes
+    inboxes = [Inbox(s, Control(control), "work", hwm, balance.Lender(s, hwm),
+                     Lots(s.send_multipart)) for s in inputs]
+    return balance.Dispatcher(up, addresses, hwm), inboxes
 
 
 def test_a_replica_that_takes_nothing_holds_only_its_first_credits():
@@ -34,7 +36,7 @@ def test_a_replica_that_takes_nothing_holds_only_its_first_credits():
         dispatcher, (busy, stuck) = _replicas(ctx, 2)
         got = []
         for i in range(50):
-            while not dispatcher.send(codec.encode([i])):
+            while not dispatcher.send(codec.encode([i]), 1):
                 # Out of credits: the busy replica takes a message, which frees one.
                 assert busy._fill(block=True)
                 got += busy.buffer
@@ -95,15 +97,15 @@ def test_credits_that_are_not_credits_are_ignored():
     ctx = zmq.Context()
     try:
         dispatcher, (first, _) = _replicas(ctx, 2)
-        assert dispatcher.send(codec.encode(["a"]))
+        assert dispatcher.send(codec.encode(["a"]), 1)
         first._fill(block=True)  # its sender's id is now known: answer it with junk
-        dispatcher._take_credits()  # (the real credit for "a", inproc: already there)
+        dispatcher._take_messages()  # (the real credit for "a", inproc: already there)
         assert dispatcher.credits == [2, 2]
         sender = next(iter(first.lender.left))
         for junk in ([b"\xc1"], [msgpack.packb("many")], [msgpack.packb(-3)], [b"1", b"2"]):
             first.sock.send_multipart([sender, *junk])
         first.sock.send_multipart([sender, msgpack.packb(1)])  # and then a real one
-        dispatcher._take_credits()
+        dispatcher._take_messages()
         assert dispatcher.credits == [3, 2]
     finally:
         ctx.destroy(linger=0)
@@ -128,7 +130,7 @@ def test_a_replica_that_has_gone_is_passed_over_not_an_error_of_the_sender():
         wait_until(unreachable, timeout=10, what="the closed replica to be unreachable")
         got = []
         for i in range(20):
-            while not dispatcher.send(codec.encode([i])):
+            while not dispatcher.send(codec.encode([i]), 1):
                 assert alive._fill(block=True)
                 got += alive.buffer
                 alive.buffer.clear()

@@ -97,12 +97,14 @@ def test_losing_a_host_is_reported_and_stops_the_rest(tmp_path):
         output = tmp_path / "out"
         wait_until(lambda: output.exists() and len(output.read_text().splitlines()) > 20,
                    timeout=60, what="items at the sink")
-        hosts.kill_host("relay-1")
+        # The sink has one replica and restart = "no": losing its host fails the run
+        # (losing one of relay's two would not: the other takes over).
+        hosts.kill_host("sink-0")
         status = procs["supervisor"].wait(30)
-        others = {name: p.wait(30) for name, p in procs.items() if name != "relay-1"}
+        others = {name: p.wait(30) for name, p in procs.items() if name != "sink-0"}
     finally:
         hosts.__exit__(None, None, None)
     log = (logs / "supervisor.log").read_text()
     assert status == 1, log
-    assert "stage 'relay' replica relay-1" in log and "no heartbeat for 5 s" in log, log
+    assert "stage 'sink' replica sink-0" in log and "no heartbeat for 5 s" in log, log
     assert all(code is not None for code in others.values())

@@ -81,3 +81,17 @@ def test_kubernetes_manifests_give_every_replica_a_stable_name():
         env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
         assert env["ZPIPE_CONTROL"] == "tcp://supervisor-0.supervisor:5600"
         assert env["ZPIPE_ADDRESS_TRACKER"] == "tcp://tracker-{replica}.tracker:5555"
+
+
+def test_compose_restarts_the_stages_that_ask_for_it(tmp_path):
+    from zpipe.config import load
+    from zpipe.export import compose
+
+    path = tmp_path / "pipeline.toml"
+    path.write_text('[pipeline]\nname = "p"\n[[stages]]\nname = "a"\nrun = "m:f"\n'
+                    '[[stages]]\nname = "b"\nrun = "m:g"\nreplicas = 2\nrestart = "on-failure"\n'
+                    '[[stages]]\nname = "c"\nrun = "m:h"\n')
+    import yaml
+    services = yaml.safe_load(compose(load(path), "pipeline.toml", "img"))["services"]
+    assert services["b-0"]["restart"] == services["b-1"]["restart"] == "on-failure"
+    assert services["a-0"]["restart"] == services["c-0"]["restart"] == "no"

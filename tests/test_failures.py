@@ -12,6 +12,7 @@ import zmq
 
 import zpipe
 from zpipe import failures, protocol
+from zpipe.codec import PROTOCOL_VERSION
 from zpipe.api import raise_failure
 from zpipe.config import PipelineSpec, StageSpec
 from zpipe.failures import Failure
@@ -136,8 +137,8 @@ def test_a_forged_error_report_runs_no_code(tmp_path):
     forger.setsockopt(zmq.LINGER, 0)
     forger.connect(address)
     payload = pickle.dumps(Payload(touched))
-    forger.send(protocol.pack(protocol.HELLO, pid=1, host="h", version=2))
-    forger.send(msgpack.packb([2, "error", {"exc_type": "x", "message": "forged",
+    forger.send(protocol.pack(protocol.HELLO, pid=1, host="h", version=PROTOCOL_VERSION))
+    forger.send(msgpack.packb([PROTOCOL_VERSION, "error", {"exc_type": "x", "message": "forged",
                                             "exception": payload, "args": [payload],
                                             "exc_module": "pathlib", "exc_qualname": "Path"}],
                               use_bin_type=True))

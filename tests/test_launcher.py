@@ -358,6 +358,14 @@ def endless(count):
     for i in itertools.count():
         time.sleep(0.002)
         yield i
+
+
+def paced(count):
+    for i in range(count):
+        if i == count // 2:
+            open("half", "w").close()
+        time.sleep(0.002)
+        yield i
 """)
     # The file's relay address is a placeholder: the environment overrides it.
     return {**os.environ, "ZPIPE_ADDRESS_RELAY": f"tcp://127.0.0.1:{relay}"}
@@ -394,16 +402,47 @@ def test_supervise_reports_a_replica_that_vanishes_and_stops_the_rest(project):
     replicas = start_replicas(project, env)
     try:
         wait_until(lambda: len(project.lines("out.jsonl")) > 20, what="items at the sink")
-        os.kill(replicas[1].pid, signal.SIGKILL)  # relay-0's host goes away
+        os.kill(replicas[3].pid, signal.SIGKILL)  # sink-0's host goes away: one replica
         _, err = supervisor.communicate(timeout=30)
         codes = [p.wait(30) for p in replicas]
     finally:
         for p in [supervisor, *replicas]:
             p.kill()
     assert supervisor.returncode == 1
-    assert re.search(r"stage 'relay' replica relay-0 \(pid \d+\) died without a word: no "
+    assert re.search(r"stage 'sink' replica sink-0 \(pid \d+\) died without a word: no "
                      r"heartbeat for 5 s", err), err
-    assert codes[1] == -signal.SIGKILL and all(c is not None for c in codes)
+    assert codes[3] == -signal.SIGKILL and all(c is not None for c in codes)
+
+
+def test_supervise_goes_on_when_one_of_several_replicas_vanishes(project):
+    """relay has 2 replicas and restart = "no": relay-0's host going away costs
+    nothing; what it held goes to relay-1 (at least once)."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    from conftest import wait_until
+    env = separate_processes(project, 3000, source="paced")
+    supervisor = subprocess.Popen([sys.executable, "-m", "zpipe", "supervise", str(project.toml)],
+                                  cwd=project.root, env=env, stderr=subprocess.PIPE, text=True)
+    replicas = start_replicas(project, env)
+    try:
+        wait_until(lambda: (project.root / "half").exists(), what="half the items sent")
+        os.kill(replicas[1].pid, signal.SIGKILL)  # relay-0's host goes away
+        _, err = supervisor.communicate(timeout=60)
+        codes = [p.wait(30) for p in replicas]
+    finally:
+        for p in [supervisor, *replicas]:
+            p.kill()
+    assert supervisor.returncode == 0, err
+    assert "replica relay-0 sent no heartbeat for 5 s (its process or host is gone); stage " \
+           "'relay' goes on with 1 replica(s)" in err
+    got = [json.loads(line) for line in project.lines("out.jsonl")]
+    assert sorted(set(got)) == list(range(3000))  # every item, some perhaps twice
+    redelivered = re.search(r"stage 'relay': 0 restart\(s\); (\d+) item\(s\) sent to it again", err)
+    assert redelivered and len(got) - 3000 <= int(redelivered[1]), err
+    assert codes[1] == -signal.SIGKILL and codes[0] == codes[2] == codes[3] == 0
 
 
 SIZED = """

@@ -660,6 +660,7 @@ def test_a_stranger_flooding_an_ordered_stage_and_its_sink_changes_nothing(proje
     err = _flood(project, [
         (work, "DEALER", malformed_for("into-ordered", 1000, seed=2), "work-0"),
         (work + 1, "DEALER", malformed_for("into-ordered", 1200, seed=3), "work-1"),
-        (sink, "PUSH", malformed_for("after-ordered", 1400, seed=4), "sink-0")])
+        # The sink's input is a ROUTER too: its link is leased (delivery.py).
+        (sink, "DEALER", malformed_for("after-ordered", 1400, seed=4), "sink-0")])
     assert json.loads(project.read("out.json")) == [10 * i for i in range(3000)]
     assert "stage 'work' finished: 3000 in, 3000 out" in err

@@ -240,6 +240,9 @@ def test_an_idle_inbox_answers_drain_and_stop_at_once(monkeypatch):
             assert router.poll(5000), "no RECEIVED after DRAIN"
             kind, fields = protocol.unpack(router.recv_multipart()[1])
             assert (kind, fields["received"]) == (protocol.RECEIVED, 3)
+            # The inbox notes what it reported just after sending it: reset that
+            # only once it has, or the reset could come first and be undone.
+            until(lambda: inbox.reported == 3, "the report to be noted")
             inbox.reported = None  # so that the next DRAIN is answered again
         router.send_multipart([b"sink-0", protocol.pack(protocol.STOP)])
         reader.join(5)

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import processes_mentioning, wait_until
+from zpipe.codec import PROTOCOL_VERSION as VERSION
 from test_launcher import finished_lines, toml
 
 STAGES = """
@@ -331,8 +332,8 @@ def test_strangers_on_the_control_socket_never_stop_a_pipeline(project):
     ctx = zmq.Context()
     messages = [msgpack.packb([1, "hello", {"version": 1}]),            # another version
                 msgpack.packb([99, "error", {"message": "forged"}]),
-                msgpack.packb([2, "error", {"message": "forged"}]),     # right version
-                msgpack.packb([2, "exit", {}]), b"\xc1", b""]
+                msgpack.packb([VERSION, "error", {"message": "forged"}]),  # right version
+                msgpack.packb([VERSION, "exit", {}]), b"\xc1", b""]
     try:
         for number, identity in enumerate([b"stranger", b"relay-7", b"stranger/hb", None]):
             sock = ctx.socket(zmq.DEALER)
@@ -389,7 +390,7 @@ def test_a_replica_message_with_wrong_fields_is_ignored_not_acted_on(tmp_path):
            ("hello", {"pid": "x"}), ("received", {"received": -5}), ("done", {"sent": "many"}),
            ("error", {"message": 3}), ("ready", []), ("heartbeat", {"received": [1]})]
     for kind, fields in bad:
-        peer.send(msgpack.packb([2, kind, fields]))
+        peer.send(msgpack.packb([VERSION, kind, fields]))
     deadline = time.monotonic() + 10
     while len(reports) < len(bad) and time.monotonic() < deadline:
         supervisor._tick()

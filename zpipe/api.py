@@ -249,16 +249,23 @@ class Execution:
         # thread must live as long as the pipeline (run()'s caller, or a
         # Pipeline's supervising thread).
         fork = multiprocessing.get_context("fork")
+        janitor = self.janitor
+
+        def forker(name: str, callee: shapes.Callee, replica: int, replicas: int) -> Any:
+            def start() -> ForkedHandle:
+                assert janitor is not None
+                process = fork.Process(target=worker.forked_main, name=f"zpipe-{name}",
+                                       args=(callee, replica, replicas, wiring[name],
+                                             os.getpid(), (janitor.fd,)))
+                process.start()
+                janitor.watch(process.pid)
+                return ForkedHandle(process)
+            return start
         for stage, callee in forked:
             for replica in range(stage.replicas):
                 name = stage.replica_name(replica)
-                assert self.janitor is not None
-                process = fork.Process(target=worker.forked_main, name=f"zpipe-{name}",
-                                       args=(callee, replica, stage.replicas, wiring[name],
-                                             os.getpid(), (self.janitor.fd,)))
-                process.start()
-                self.processes.add(name, ForkedHandle(process))
-                self.janitor.watch(process.pid)
+                # A restart forks from the supervisor's loop: this same thread.
+                self.processes.start(name, forker(name, callee, replica, stage.replicas))
         self.ctx = zmq.Context()
         self.supervisor = Supervisor(spec, self.addresses.control, self.workers, log.info,
                                      ctx=self.ctx)
@@ -321,6 +328,10 @@ class _Both:
     def kill(self, names: list[str]) -> None:
         for part in self.parts:
             part.kill(names)
+
+    def restart(self, name: str) -> None:
+        for part in self.parts:
+            part.restart(name)
 
 
 # -- ParallelPipe's model ----------------------------------------------------------

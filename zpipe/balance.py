@@ -16,8 +16,10 @@ load-balancing pattern, with credits):
   items, up to MAX_WINDOW for fast ones, whose credits must cover the way back
   to the sender.
 
-A slow replica thus holds little work; the others take the rest. A stage with
-one replica keeps PUSH/PULL: there is no choice to make.
+A slow replica thus holds little work; the others take the rest. Every such
+link is also leased (delivery.py): each message is kept by its sender until
+acknowledged. A link that is not leased (no stage up to it may lose a
+replica) keeps PUSH/PULL, one replica: there is no choice to make.
 """
 
 from __future__ import annotations
@@ -28,70 +30,157 @@ from typing import Any
 import msgpack
 import zmq
 
+from .delivery import Outstanding, lease_frame
 from .transport import NOBLOCK, POLLIN, SNDMORE, peer_id, send_frame
 
 FIRST_CREDITS = 2
 MIN_WINDOW = 1      # always one message waiting: the next starts without a round trip
 MAX_WINDOW = 64
 QUEUE_TIME = 0.002  # seconds of work a replica keeps waiting (the credits' way back, with room)
+MAX_CREDIT = 1 << 20  # a credit message granting more is not one of ours
 _MORE_NOBLOCK = NOBLOCK | SNDMORE
 _monotonic = time.monotonic
 
 
 class Dispatcher:
-    """An upstream replica's side: the credits it holds for each downstream replica."""
+    """An upstream replica's side of a leased link (delivery.py): the credits it holds
+    for each downstream replica, and the messages they have not acknowledged yet."""
 
-    def __init__(self, sock: zmq.Socket, replicas: int):
+    def __init__(self, sock: zmq.Socket, addresses: tuple[str, ...], cap: int):
+        replicas = len(addresses)
         self.sock = sock
+        self.addresses = addresses
         self.peers = [peer_id(r) for r in range(replicas)]
         self.credits = [FIRST_CREDITS] * replicas
         self.index = {peer: r for r, peer in enumerate(self.peers)}
         self.next = 0
         self.credit_waiting = [(sock, POLLIN)]
+        self.outstanding = Outstanding(replicas, cap)
+        # LOST and REJOINED, from the control channel: applied where the
+        # socket is ours (under the outbox's lock, which the Flusher shares).
+        self.events: list[tuple[str, int, int]] = []
 
-    def send(self, frames: list[Any]) -> bool:
-        """Send one message to the next replica with a credit; False if none has one now."""
-        while True:
+    def send(self, frames: list[Any], items: int) -> bool:
+        """Send one message to the next replica with a credit and room; False if none
+        has one now (or messages to send again still wait: they go first)."""
+        if self.events:
+            self._apply_events()
+        out = self.outstanding
+        if out.resend and not self._resend():
+            return False
+        replica = self._choose()
+        if replica is None:
+            self._take_messages()
             replica = self._choose()
             if replica is None:
-                self._take_credits()
+                return False
+        while not self._transmit(replica, out.next_seq, frames):
+            replica = self._choose()
+            if replica is None:
+                return False
+        out.record(replica, frames, items)
+        return True
+
+    def pump(self) -> None:
+        """Take credits and acknowledgements, apply LOST and REJOINED, send again what
+        waits for it: what a replica does while it has nothing else to send."""
+        if self.events:
+            self._apply_events()
+        self._take_messages()
+        if self.outstanding.resend:
+            self._resend()
+
+    def event(self, kind: str, replica: int, generation: int) -> None:
+        """From the control channel: downstream ``replica`` was lost, or has rejoined."""
+        if 0 <= replica < len(self.peers):
+            self.events.append((kind, replica, generation))
+
+    def _apply_events(self) -> None:
+        while self.events:
+            kind, replica, generation = self.events.pop(0)
+            if kind == "lost":
+                # What ZeroMQ still queues for the lost replica reaches its next
+                # life on that address, which drops it: it is meant for an
+                # earlier generation, and is sent again from here anyway. (A
+                # disconnect and connect under the same routing id would trip
+                # libzmq's assertion that the old pipe is gone.)
+                self.credits[replica] = 0
+                self.outstanding.lose(replica, generation)
+            else:  # rejoined: it starts as every replica does
+                self.credits[replica] = FIRST_CREDITS
+                self.outstanding.generation[replica] = generation
+                address = self.addresses[replica]
+                if address.startswith("inproc://"):
+                    # An inproc connection ends with the socket it went to and is
+                    # not made again by itself: connect anew, under a routing id
+                    # of its own (the old one may not be released yet).
+                    peer = peer_id(replica) + b":" + str(generation).encode()
+                    self.sock.setsockopt(zmq.CONNECT_ROUTING_ID, peer)
+                    self.sock.connect(address)
+                    del self.index[self.peers[replica]]
+                    self.peers[replica] = peer
+                    self.index[peer] = replica
+
+    def _resend(self) -> bool:
+        """Send again what lost replicas held; True once nothing waits for it."""
+        out = self.outstanding
+        while out.resend:
+            seq = out.resend[0]
+            if seq not in out.unacked:  # acknowledged after all
+                out.resend.popleft()
+                continue
+            replica = self._choose()
+            if replica is None:
+                self._take_messages()
                 replica = self._choose()
                 if replica is None:
                     return False
-            try:
-                send_frame(self.sock, self.peers[replica], _MORE_NOBLOCK)
-            except zmq.Again:
-                # Its queue is at the HWM (ROUTER_MANDATORY: rather than dropped),
-                # which credits reach only under a very low hwm: the message
-                # waits for the next credit, from whichever replica.
-                return False
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                # That replica's connection is gone (it died): its death is
-                # the supervisor's to report, not this sender's. Its credits
-                # died with it; the message goes to another replica.
-                self.credits[replica] = 0
+            if not self._transmit(replica, seq, out.unacked[seq][1]):
                 continue
-            self.credits[replica] -= 1
-            if len(frames) == 1:
-                send_frame(self.sock, frames[0], NOBLOCK)
-            else:
-                self.sock.send_multipart(frames, NOBLOCK, copy=False)
-            return True
+            out.resend.popleft()
+            out.resent(seq, replica)
+        return True
+
+    def _transmit(self, replica: int, seq: int, frames: list[Any]) -> bool:
+        """Send one message to ``replica``; False if it could not take it (then it
+        has no credits left: the caller chooses again)."""
+        sock = self.sock
+        try:
+            send_frame(sock, self.peers[replica], _MORE_NOBLOCK)
+        except zmq.Again:
+            # Its queue is at the HWM (ROUTER_MANDATORY: rather than dropped),
+            # which credits reach only under a very low hwm: the message
+            # waits for the next credit, from whichever replica.
+            self.credits[replica] = 0
+            return False
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            # That replica's connection is gone (it died): its death is
+            # the supervisor's to report, not this sender's. Its credits
+            # died with it; the message goes to another replica.
+            self.credits[replica] = 0
+            return False
+        self.credits[replica] -= 1
+        send_frame(sock, lease_frame(seq, self.outstanding.generation[replica]), _MORE_NOBLOCK)
+        if len(frames) == 1:
+            send_frame(sock, frames[0], NOBLOCK)
+        else:
+            sock.send_multipart(frames, NOBLOCK, copy=False)
+        return True
 
     def _choose(self) -> int | None:
-        """The next replica, round-robin, with a credit left."""
-        credits, count = self.credits, len(self.credits)
+        """The next replica, round-robin, with a credit and room left."""
+        credits, count, room = self.credits, len(self.credits), self.outstanding.room
         for step in range(count):
             replica = (self.next + step) % count
-            if credits[replica] > 0:
+            if credits[replica] > 0 and room(replica):
                 self.next = (replica + 1) % count
                 return replica
         return None
 
-    def _take_credits(self) -> None:
-        """Count every credit that has come back (without waiting)."""
+    def _take_messages(self) -> None:
+        """Count every credit and acknowledgement that has come back (without waiting)."""
         sock = self.sock
         while zmq.zmq_poll(self.credit_waiting, 0):
             frames = sock.recv_multipart(NOBLOCK)
@@ -99,11 +188,14 @@ class Dispatcher:
             if replica is None or len(frames) != 2:
                 continue
             try:
-                count = msgpack.unpackb(frames[1])
-            except ValueError:
+                value = msgpack.unpackb(frames[1])
+            except Exception:  # noqa: BLE001 - not a credit, whatever it is
                 continue
-            if type(count) is int and count > 0:
-                self.credits[replica] += count
+            if type(value) is int:
+                if 0 < value <= MAX_CREDIT:
+                    self.credits[replica] += value
+            elif type(value) is list:
+                self.outstanding.acknowledged(value)
 
 
 class Lender:

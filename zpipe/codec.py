@@ -34,7 +34,7 @@ from zmq import COPY_THRESHOLD
 
 from .errors import EncodeError
 
-PROTOCOL_VERSION = 2  # docs/protocol.md, Versioning
+PROTOCOL_VERSION = 3  # docs/protocol.md, Versioning
 EXT_ARRAY = 1
 EXT_SCALAR = 2
 TAG_LAST = 1    # the last output for this input sequence number

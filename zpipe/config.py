@@ -139,7 +139,11 @@ class PipelineSpec:
         acknowledged in turn, so the links after a reliable stage must carry
         acknowledgements too (a sink's come as its calls return).
         """
-        return index > 0 and any(stage.reliable for stage in self.stages[:index + 1])
+        # A source's replicas each make their own share: a sibling cannot take
+        # over a lost one's, so only restart makes a source reliable.
+        return index > 0 and any(
+            stage.restart == "on-failure" or (position > 0 and stage.replicas > 1)
+            for position, stage in enumerate(self.stages[:index + 1]))
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:

@@ -35,8 +35,13 @@ class Control:
         self.draining = False
         self.stopped = False
         self.exit = False
+        self.generation: int | None = None  # from WELCOME
         self.next_check = 0.0
         self.poll_items = [(sock, POLLIN)]
+        # LOST and REJOINED go to the outbox's dispatcher (a leased output);
+        # ``periodic`` runs at every look while busy (acknowledgements).
+        self.on_peer: Callable[[str, int, int], None] | None = None
+        self.periodic: Callable[[], None] | None = None
 
     def send(self, kind: str, **fields: Any) -> None:
         self.sock.send(protocol.pack(kind, **fields))
@@ -52,6 +57,8 @@ class Control:
             self.next_check = now + CONTROL_CHECK
             if self.pending():
                 self.handle()
+            if self.periodic is not None:
+                self.periodic()
 
     def handle(self) -> None:
         """Apply every waiting command; ABORT raises Aborted."""
@@ -73,6 +80,10 @@ class Control:
                 self.exit = True
             elif kind == protocol.ABORT:
                 raise Aborted(fields.get("reason", "aborted"))
+            elif kind == protocol.WELCOME:
+                self.generation = fields.get("generation", 0)
+            elif kind in (protocol.LOST, protocol.REJOINED) and self.on_peer is not None:
+                self.on_peer(kind, fields.get("replica", -1), fields.get("generation", 0))
 
     def wait_for(self, condition: Callable[[], bool], timeout: float | None = None) -> bool:
         """Handle commands until ``condition()`` holds; False on timeout."""

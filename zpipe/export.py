@@ -43,7 +43,10 @@ def compose(spec: PipelineSpec, file: str, image: str) -> str:
                 "command": ["zpipe", "stage", file, stage.name, "--replica", str(replica)],
                 "hostname": name,
                 "environment": env,
-                "restart": "no",  # a lone restarted replica cannot rejoin a running drain
+                # restart = "on-failure": the engine starts a dead replica again and
+                # it rejoins under its name (recovery.py); otherwise one that dies
+                # is reported, and restarting it would only hide that.
+                "restart": "on-failure" if stage.restart == "on-failure" else "no",
                 "stop_grace_period": grace,
                 "healthcheck": {"test": ["CMD", "zpipe", "--version"], "interval": "30s"},
             }

@@ -14,6 +14,7 @@ import zmq
 
 from . import codec, protocol
 from .balance import Lender
+from .delivery import Lot, Lots, read_lease
 from .control import Control
 from .shapes import Inputs
 from .transport import NOBLOCK, POLLIN
@@ -34,9 +35,14 @@ class Inbox(Inputs):
     """
 
     def __init__(self, sock: zmq.Socket, control: Control, stage: str, batch_limit: int,
-                 lender: Lender | None = None):
+                 lender: Lender | None = None, lots: Lots | None = None):
         self.sock = sock
-        self.lender = lender  # a ROUTER input (replicated stage): gives credits back
+        self.lender = lender  # a ROUTER input (a leased link): gives credits back
+        # ... and acknowledges what it has finished (delivery.py). Messages meant
+        # for an earlier generation of this replica are dropped.
+        self.lots = lots
+        self.generation = 0
+        self.arrival: tuple[bytes, int] = (b"", 0)  # sender and seq of the last message
         self.batch_limit = batch_limit
         self.control = control
         self.stage = stage
@@ -50,13 +56,15 @@ class Inbox(Inputs):
         self.seqs: collections.deque[int] = collections.deque()  # numbers of buffered items
         self.seq = -1                   # number of the item last returned (numbered links)
         self.reorder: Reorder | None = None
+        self.owners: collections.deque[Lot] = collections.deque()  # lots of items reordered
+        self.duplicates = 0  # entries for inputs already complete: sent again after a loss
         self.holding = 0  # items of a batch (set_get_all) in the stage's hands
         # Whether every message on this link carries tags: an ordered stage's
         # input (its Outbox, which takes the seqs, sets this) and, with
         # reorder, the input after an ordered stage. Other links carry none.
         self.numbered = False
         self.before_idle: Callable[[], None] = lambda: None  # the outbox flushes its batch
-        self.items = self._items()
+        self.items = self._items() if lots is None else self._leased_items()
         # zmq_poll's list, used directly: the Poller and ZMQ_EVENTS cost more per call
         self.input_only = [(sock, POLLIN)]
         # An idle replica sleeps in poll(2) on the sockets' ZMQ_FDs (see _idle).
@@ -64,6 +72,8 @@ class Inbox(Inputs):
         self.sleep = select.poll()
         self.sleep.register(self.input_fd, select.POLLIN)
         self.sleep.register(control.sock.getsockopt(zmq.FD), select.POLLIN)
+        self.woken_fd = -1
+        self.on_wake: Callable[[], None] = lambda: None
 
     def __next__(self) -> Any:
         return next(self.items)
@@ -85,8 +95,28 @@ class Inbox(Inputs):
             item = self.last_item = buffer.popleft()
             yield item
 
+    def _leased_items(self) -> Iterator[Any]:
+        """_items on a leased link: the stage asking for the next item has finished
+        the one it held, which may let its message be acknowledged."""
+        buffer, seqs, lots, owners = self.buffer, self.seqs, self.lots, self.owners
+        assert lots is not None
+        while True:
+            while not buffer:
+                if not self._fill(block=True):
+                    return
+            if seqs:
+                self.seq = seqs.popleft()
+            item = self.last_item = buffer.popleft()
+            if owners:
+                lots.hold(owners.popleft())
+            else:
+                lots.take()
+            yield item
+            lots.finish()
+
     def batches(self) -> Any:
         """Lists of every item waiting (at least one), for ``set_get_all()``."""
+        lots = self.lots
         while True:
             while not self.buffer:
                 if not self._fill(block=True):
@@ -97,8 +127,13 @@ class Inbox(Inputs):
             self.buffer.clear()
             self.last_item = batch
             self.holding = len(batch)
+            if lots is not None:
+                for _ in batch:
+                    lots.hold(self.owners.popleft()) if self.owners else lots.take()
             yield batch
             self.holding = 0
+            if lots is not None:
+                lots.finish()
 
     def _fill(self, block: bool) -> bool:
         """Receive one message into the buffer; False when none came (ended, or not blocking)."""
@@ -112,22 +147,21 @@ class Inbox(Inputs):
                     if self.reorder is None and not self.numbered:
                         break
                     raise codec.DecodeError("untagged, on a link that numbers every item")
-                self._check_numbers(tags)
+                self._check_numbers(tags, self.lots is not None)
                 break
             except codec.DecodeError as exc:
                 # Anyone may reach a socket: what is not zpipe's format is
                 # dropped, never fatal (a real peer of another version is
                 # caught by the supervisor when it says hello).
-                self.malformed += 1
-                self.malformed_why = str(exc)
-                # A flood must not become a flood of log lines: the first few
-                # say why, then one line per MALFORMED_EVERY, and the count
-                # whenever the input falls idle (_idle).
-                if self.malformed <= MALFORMED_REPORTED or \
-                        self.malformed % MALFORMED_EVERY == 0:
-                    self._log_malformed()
+                self._malformed(str(exc))
+                if self.lots is not None:
+                    # A sender that leased it waits for it: nothing to do, done.
+                    sender, seq = self.arrival
+                    self.lots.arrived(sender, seq, 0)
         self.received += len(items)
-        if tags is None:
+        if self.lots is not None:
+            self._arrived(items, tags)
+        elif tags is None:
             self.buffer.extend(items)
         elif self.reorder is not None:
             self.buffer.extend(self.reorder.add(items, tags))
@@ -141,9 +175,33 @@ class Inbox(Inputs):
         log.warning("stage %r dropped a malformed message (%d so far): %s", self.stage,
                     self.malformed, self.malformed_why)
 
-    def _check_numbers(self, tags: list[Any]) -> None:
+    def _arrived(self, items: list[Any], tags: list[Any] | None) -> None:
+        """A message on a leased link: its items, and its lot to acknowledge once done."""
+        lots = self.lots
+        assert lots is not None
+        sender, seq = self.arrival
+        if self.reorder is None:
+            lots.arrived(sender, seq, len(items))
+            self.buffer.extend(items)
+            if tags is not None:
+                self.seqs.extend(tag[0] for tag in tags)
+            return
+        lot = lots.arrived(sender, seq, len(items), reordered=True)
+        ready, done = self.reorder.add_owned(items, tags, lot)
+        self.duplicates = self.reorder.duplicates
+        for item, owner in ready:
+            self.buffer.append(item)
+            self.owners.append(owner)
+        for owner in done:  # markers, and entries for inputs already complete
+            lots.done(owner)
+
+    def _check_numbers(self, tags: list[Any], leased: bool = False) -> None:
         """Raise DecodeError unless ``tags`` (each a well-formed ``[seq, flags]``, as
-        decode_tagged checked) belong on this link, before anything is counted."""
+        decode_tagged checked) belong on this link, before anything is counted.
+
+        On a leased link, entries for an input already complete may come again
+        (a replica of the ordered stage was lost, and its input sent again to
+        another): those are dropped when they arrive, not the whole message."""
         reorder = self.reorder
         if reorder is None:
             if not self.numbered:
@@ -156,7 +214,7 @@ class Inbox(Inputs):
         # Out of an ordered stage: nothing may come for an input once its LAST has.
         released, complete, closed = reorder.next, reorder.complete, set()
         for seq, flags in tags:
-            if seq < released or seq in complete or seq in closed:
+            if seq in closed or (not leased and (seq < released or seq in complete)):
                 raise codec.DecodeError(f"an entry for input {seq}, after its last")
             if flags & codec.TAG_LAST:
                 closed.add(seq)
@@ -176,15 +234,14 @@ class Inbox(Inputs):
                 except zmq.Again:
                     ready = False
                     continue
-                if lender is not None:
-                    # On a ROUTER the sender's id comes first; this replica
-                    # starts on the message now, which frees a credit.
-                    sender = head.bytes
-                    head = sock.recv(NOBLOCK, copy=False)
-                    lender.took(sender, wanted_at)
                 # Only arrays make more frames; a one-frame message skips the
                 # multipart machinery (the common, small case).
                 frames = [head, *sock.recv_multipart(copy=False)] if head.more else [head]
+                if lender is not None:
+                    # On a ROUTER the sender's id comes first, then the lease.
+                    frames = self._leased(frames, wanted_at)
+                    if frames is None:
+                        continue
                 now = _monotonic()
                 if now >= control.next_check:
                     control.check(now)
@@ -192,6 +249,37 @@ class Inbox(Inputs):
             if not block or control.stopped:
                 return None
             ready = self._idle()
+
+    def _leased(self, frames: list[Any], wanted_at: float) -> list[Any] | None:
+        """The data frames of a message on a leased link, once its lease is read; None
+        for a message dropped here (no lease, or meant for an earlier generation)."""
+        lender, lots = self.lender, self.lots
+        assert lender is not None and lots is not None
+        if len(frames) < 3:
+            self._malformed("no lease and data after the sender's id")
+            return None
+        sender = frames[0].bytes
+        try:
+            seq, generation = read_lease(frames[1].bytes)
+        except codec.DecodeError as exc:
+            self._malformed(str(exc))
+            return None
+        if generation != self.generation:
+            lots.stale += 1  # queued for this replica's earlier life: sent again anyway
+            return None
+        # This replica starts on the message now, which frees a credit.
+        lender.took(sender, wanted_at)
+        self.arrival = (sender, seq)
+        return frames[2:]
+
+    def _malformed(self, why: str) -> None:
+        self.malformed += 1
+        self.malformed_why = why
+        # A flood must not become a flood of log lines: the first few
+        # say why, then one line per MALFORMED_EVERY, and the count
+        # whenever the input falls idle (_idle).
+        if self.malformed <= MALFORMED_REPORTED or self.malformed % MALFORMED_EVERY == 0:
+            self._log_malformed()
 
     def _idle(self) -> bool:
         """Wait for input or a command (handling it); True if input may be waiting.
@@ -217,13 +305,22 @@ class Inbox(Inputs):
             self.reported = self.received
         if control.stopped:
             return False
+        if self.woken_fd >= 0:
+            self.on_wake()  # looked at: its ZMQ_FD then wakes for what comes next
         ready = False
         for fd, _ in self.sleep.poll(IDLE_POLL_MS):
             if fd == self.input_fd:
                 ready = True
+            elif fd == self.woken_fd:
+                self.on_wake()
             else:
                 control.handle()
         return ready
+
+    def wake_for(self, fd: int, on_wake: Callable[[], None]) -> None:
+        """Also wake an idle wait for ``fd`` (a ZMQ_FD), running ``on_wake``."""
+        self.woken_fd, self.on_wake = fd, on_wake
+        self.sleep.register(fd, select.POLLIN)
 
     def unfinished(self, output_taken: bool = False) -> int:
         """Entries received and not finished: buffered, held back for reordering, or in
@@ -249,6 +346,33 @@ class Reorder:
         self.waiting: dict[int, list[Any]] = {}
         self.complete: set[int] = set()
         self.markers = 0
+        self.duplicates = 0
+
+    def add_owned(self, items: list[Any], tags: list[Any], lot: Any
+                  ) -> tuple[list[tuple[Any, Any]], list[Any]]:
+        """add() on a leased link: each entry keeps the lot it came in, to be finished
+        with it. (released items with their lots, lots of entries finished here:
+        markers, and entries for an input already complete, which are dropped)."""
+        done: list[Any] = []
+        for item, (seq, flags) in zip(items, tags):
+            if seq < self.next or seq in self.complete:
+                self.duplicates += 1
+                done.append(lot)
+                continue
+            bucket = self.waiting.setdefault(seq, [])
+            if flags & codec.TAG_MARKER:
+                self.markers += 1
+                done.append(lot)
+            else:
+                bucket.append((item, lot))
+            if flags & codec.TAG_LAST:
+                self.complete.add(seq)
+        ready: list[tuple[Any, Any]] = []
+        while self.next in self.complete:
+            self.complete.remove(self.next)
+            ready.extend(self.waiting.pop(self.next))
+            self.next += 1
+        return ready, done
 
     def add(self, items: list[Any], tags: list[Any]) -> list[Any]:
         for item, (seq, flags) in zip(items, tags):

@@ -63,38 +63,79 @@ def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -
 
 
 class OutputPump(threading.Thread):
-    """Copies every child's stdout and stderr to ours, each line prefixed with its replica."""
+    """Copies every child's stdout and stderr to ours, each line prefixed with its replica.
+
+    Children may be added while it runs (a replica started again); it runs
+    until ``close()`` and every stream it has has ended.
+    """
 
     def __init__(self, out: IO[bytes], err: IO[bytes]):
         super().__init__(name="zpipe-output", daemon=True)
         self.out, self.err = out, err
         self.selector = selectors.DefaultSelector()
         self.width = 0
+        self.added: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.lock = threading.Lock()
+        self.closing = False
+        self.wake_read, self.wake_write = os.pipe()
+        self.selector.register(self.wake_read, selectors.EVENT_READ, None)
 
     def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        self.width = max(self.width, len(name))
-        for stream, target in ((proc.stdout, self.out), (proc.stderr, self.err)):
-            assert stream is not None
-            os.set_blocking(stream.fileno(), False)
-            self.selector.register(stream, selectors.EVENT_READ, [name, target, b""])
+        """Relay ``proc``'s output (from any thread: the pump registers it itself)."""
+        with self.lock:
+            self.width = max(self.width, len(name))
+            self.added.append((name, proc))
+        os.write(self.wake_write, b"x")
+
+    def close(self, timeout: float) -> None:
+        """Stop once the streams have ended (a grandchild may hold one open: not longer
+        than ``timeout``)."""
+        self.closing = True
+        if self.ident is None:  # never started
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+            return
+        os.write(self.wake_write, b"x")
+        self.join(timeout)
+
+    def _register_added(self) -> None:
+        with self.lock:
+            added, self.added = self.added, []
+        for name, proc in added:
+            for stream, target in ((proc.stdout, self.out), (proc.stderr, self.err)):
+                assert stream is not None
+                os.set_blocking(stream.fileno(), False)
+                self.selector.register(stream, selectors.EVENT_READ, [name, target, b""])
 
     def run(self) -> None:
-        while self.selector.get_map():
-            for key, _ in self.selector.select(timeout=1.0):
-                name, target, partial = key.data
-                try:
-                    chunk = os.read(key.fd, 65536)
-                except BlockingIOError:
-                    continue
-                prefix = f"{name:<{self.width}} | ".encode()
-                if not chunk:
-                    self.selector.unregister(key.fileobj)
-                    if partial:
-                        self._write(target, prefix + partial + b"\n")
-                    continue
-                *lines, key.data[2] = (partial + chunk).split(b"\n")
-                if lines:
-                    self._write(target, b"".join(prefix + line + b"\n" for line in lines))
+        try:
+            self._register_added()
+            while not (self.closing and len(self.selector.get_map()) <= 1):
+                for key, _ in self.selector.select(timeout=1.0):
+                    if key.data is None:  # woken: children added, or closing
+                        os.read(self.wake_read, 4096)
+                        self._register_added()
+                        continue
+                    self._relay(key)
+        finally:
+            os.close(self.wake_read)
+            os.close(self.wake_write)
+
+    def _relay(self, key: selectors.SelectorKey) -> None:
+        name, target, partial = key.data
+        try:
+            chunk = os.read(key.fd, 65536)
+        except BlockingIOError:
+            return
+        prefix = f"{name:<{self.width}} | ".encode()
+        if not chunk:
+            self.selector.unregister(key.fileobj)
+            if partial:
+                self._write(target, prefix + partial + b"\n")
+            return
+        *lines, key.data[2] = (partial + chunk).split(b"\n")
+        if lines:
+            self._write(target, b"".join(prefix + line + b"\n" for line in lines))
 
     @staticmethod
     def _write(target: IO[bytes], data: bytes) -> None:
@@ -120,8 +161,12 @@ def launch(path: str | Path, grace: float | None = None,
         shutil.rmtree(runtime_dir, ignore_errors=True)
         raise
     janitor = Janitor(runtime_dir)  # first: from here on, nothing may outlive us
-    workers = Processes()
     pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer)
+
+    def started(name: str, proc: subprocess.Popen[bytes]) -> None:  # restarts too
+        janitor.watch(proc.pid)
+        pump.add(name, proc)
+    workers = Processes(on_start=started)
     stop_on_signals = contextlib.ExitStack()
     try:
         addresses = plan_addresses(spec, runtime_dir)
@@ -135,17 +180,14 @@ def launch(path: str | Path, grace: float | None = None,
                 # "--": a stage name is never taken for an option.
                 argv = [sys.executable, "-m", "zpipe", "stage", "--replica", str(replica),
                         "--", str(path), stage.name]
-                proc = workers.popen(name, argv, env)
-                janitor.watch(proc.pid)
-                pump.add(name, proc)
+                workers.popen(name, argv, env)
         pump.start()
         outcome = supervisor.run()
         report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
         return outcome
     finally:
         workers.reap()
-        if pump.is_alive():
-            pump.join(1.0)  # a grandchild may hold a pipe open: do not wait on it
+        pump.close(1.0)  # a grandchild may hold a pipe open: do not wait on it
         stop_on_signals.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
         janitor.close()

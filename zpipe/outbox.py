@@ -62,6 +62,7 @@ class Outbox:
         self.numbered = 0
         self.ordered_by = ordered_by     # an ordered stage's inbox: outputs take its numbers
         self.pending: Any = _NOTHING     # an ordered stage's output, held until the next one
+        self.dispatcher = dispatcher
         self.batch = codec.Batch(copy_arrays=copy_arrays)
         # Arrays leave without a copy; put() then returns only once ZeroMQ has
         # let go of them (see _send_now), so the stage may change them after.
@@ -197,8 +198,8 @@ class Outbox:
         tracked = None
         if self.track_arrays and len(frames) > 1:
             frames, tracked = _tracked(frames)
-        if not self.try_send(frames):
-            self._send_blocking(frames)
+        if not self.try_send(frames, count):
+            self._send_blocking(frames, count)
         if tracked is not None:
             # A zmq.Frame holds its message too: ours must go before ZeroMQ can let go.
             frames.clear()
@@ -219,7 +220,7 @@ class Outbox:
             assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
             if self.batch.encoded and now - self.oldest >= BATCH_WAIT:
-                if not self.try_send(self.batch.frames()):
+                if not self.try_send(self.batch.frames(), len(self.batch)):
                     return True  # downstream is full: the batch waits for the next look
                 self.sent += len(self.batch)
                 self.batch.clear()
@@ -236,6 +237,30 @@ class Outbox:
         if self.flusher is not None:
             self.flusher.stop()
 
+    # -- leased links (delivery.py) -----------------------------------------------
+
+    def pending_seq(self) -> int:
+        """The seq that the outputs made so far will have gone out in, once sent: an
+        input finished now is acknowledged once that seq is (-1: nothing sent yet)."""
+        assert self.dispatcher is not None
+        waiting = bool(self.batch.encoded) or self.pending is not _NOTHING
+        return self.dispatcher.outstanding.next_seq - (0 if waiting else 1)
+
+    def acked_below(self) -> int:
+        assert self.dispatcher is not None
+        return self.dispatcher.outstanding.acked_below()
+
+    def pump(self) -> None:
+        """Take acknowledgements and credits, and send again what a lost replica held."""
+        if self.dispatcher is not None:
+            with self.lock:
+                self.dispatcher.pump()
+
+    def delivered(self) -> bool:
+        """Whether every message sent has been acknowledged (always, unleased)."""
+        return self.dispatcher is None or not (self.dispatcher.outstanding or
+                                               self.dispatcher.events)
+
     def unsent(self) -> int:
         """Outputs produced and not handed to ZeroMQ: the batch, and a held-back output."""
         return len(self.batch) + (self.pending is not _NOTHING)
@@ -250,12 +275,12 @@ class Outbox:
             except zmq.NotDone:
                 self.control.check(_monotonic())
 
-    def _send_blocking(self, frames: list[Any]) -> None:
+    def _send_blocking(self, frames: list[Any], count: int) -> None:
         while True:
             events = dict(self.poller.poll(IDLE_POLL_MS))
             if self.control.sock in events:
                 self.control.handle()
-            if self.try_send(frames):
+            if self.try_send(frames, count):
                 return
 
 
@@ -271,7 +296,7 @@ def _tracked(frames: list[Any]) -> tuple[list[Any], zmq.MessageTracker | None]:
     return out, (zmq.MessageTracker(*trackers) if trackers else None)
 
 
-def _send(sock: zmq.Socket, frames: list[Any]) -> bool:
+def _send(sock: zmq.Socket, frames: list[Any], count: int = 0) -> bool:
     """Send without blocking (False if full); arrays without a copy, small headers copied
     (a copy is cheaper than tracking a zero-copy frame for a few hundred bytes)."""
     try:

@@ -31,20 +31,49 @@ class ForkedHandle:
 
 
 class Processes:
-    """Replica processes on this host, started by Popen or forked by multiprocessing."""
+    """Replica processes on this host, started by Popen or forked by multiprocessing.
 
-    def __init__(self) -> None:
+    ``on_start(name, handle)`` runs for every process started, restarts
+    included (the launcher relays its output, the janitor watches it).
+    """
+
+    def __init__(self, on_start: Callable[[str, Any], None] | None = None) -> None:
         self.handles: dict[str, Any] = {}
+        self.starters: dict[str, Callable[[], Any]] = {}
         self.reported: set[str] = set()
+        self.on_start = on_start
 
-    def add(self, name: str, handle: Any) -> None:
+    def add(self, name: str, handle: Any, start: Callable[[], Any] | None = None) -> None:
+        """A process already started; ``start`` starts it again (restart)."""
         self.handles[name] = handle
+        if start is not None:
+            self.starters[name] = start
+        if self.on_start is not None:
+            self.on_start(name, handle)
+
+    def start(self, name: str, start: Callable[[], Any]) -> Any:
+        """Start a process with ``start`` (which returns its handle), now and on restart."""
+        handle = start()
+        self.add(name, handle, start)
+        return handle
 
     def popen(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.add(name, proc)
-        return proc
+        return self.start(name, lambda: subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE))
+
+    def restart(self, name: str) -> None:
+        start = self.starters.get(name)
+        if start is None:
+            return
+        old = self.handles.get(name)
+        if old is not None:
+            try:
+                old.wait(REAP_TIMEOUT)  # it has exited: reap it
+            except subprocess.TimeoutExpired:
+                pass
+        self.reported.discard(name)
+        self.add(name, start())
 
     def exited(self) -> dict[str, int]:
         ended = {}
@@ -84,6 +113,7 @@ class Threads:
 
     def __init__(self) -> None:
         self.threads: dict[str, threading.Thread] = {}
+        self.runs: dict[str, Callable[[], int]] = {}
         self.status: dict[str, int] = {}
         self.reported: set[str] = set()
         self.terminated: set[str] = set()
@@ -99,7 +129,16 @@ class Threads:
                 self.status[name] = status
         thread = threading.Thread(target=target, name=f"zpipe-{name}", daemon=True)
         self.threads[name] = thread
+        self.runs[name] = run
         thread.start()
+
+    def restart(self, name: str) -> None:
+        thread = self.threads.get(name)
+        if name in self.runs and (thread is None or not thread.is_alive()):
+            self.reported.discard(name)
+            self.terminated.discard(name)
+            self.status.pop(name, None)
+            self.start(name, self.runs[name])
 
     def exited(self) -> dict[str, int]:
         ended = {}
@@ -146,3 +185,6 @@ class Remote:
 
     def kill(self, names: list[str]) -> None:
         pass
+
+    def restart(self, name: str) -> None:
+        pass  # its host starts it again; it says hello (recovery.py waits for it)

@@ -20,19 +20,26 @@ RECEIVED = "received"    # received: items received so far (sent when idle while
 ERROR = "error"          # exc_type, message, traceback, item_type, phase
 DONE = "done"            # received, sent: input ended, outputs handed on, teardown done
 ABORTED = "aborted"      # counts, pending, unsent: what it held when ABORT came (see losses.py)
-HEARTBEAT = "heartbeat"  # received, sent
+HEARTBEAT = "heartbeat"  # received, sent, call_started_ago
+ITEM_ERROR = "item_error"  # exc_type, message, traceback, item_type, action, count: an item
+                           # skipped or dead-lettered (on_error, itempolicy.py)
+STUCK = "stuck"          # item_type, seconds, stack, action, limit: a call past item_timeout
+                         # (stuck.py); on the /hb socket, as the heartbeat thread sees it
 
 # supervisor -> replica
+WELCOME = "welcome"      # generation: the answer to HELLO; how often this replica was started before
 START = "start"          # a source may begin producing
 DRAIN = "drain"          # upstream has finished: report received counts when idle
 STOP = "stop"            # every item of upstream has arrived: end the input (sources: stop producing)
 EXIT = "exit"            # every output has arrived downstream: close and exit
 ABORT = "abort"          # reason: stop at once (a failure elsewhere, or an interrupt)
 PING = "ping"            # the supervisor is alive (to heartbeat sockets)
+LOST = "lost"            # replica, generation: a replica of the next stage is gone (delivery.py)
+REJOINED = "rejoined"    # replica, generation: ... and it is back, as that generation
 
 
 _COUNTS = {"received": int, "sent": int, "markers_received": int, "markers_sent": int,
-           "pending": int, "unsent": int}
+           "pending": int, "unsent": int, "redelivered": int, "stale": int, "unacked": int}
 _TEXT = (str, type(None))
 # What each kind may carry: a field of another type makes the whole message
 # malformed (dropped and counted, never acted on); fields not named here are
@@ -46,13 +53,21 @@ FIELDS: dict[str, dict[str, Any]] = {
             **_COUNTS},
     DONE: _COUNTS,
     ABORTED: _COUNTS,
-    HEARTBEAT: _COUNTS,
+    # Seconds since the call in progress began (a stage with item_timeout), else nil.
+    HEARTBEAT: {**_COUNTS, "call_started_ago": (float, int, type(None))},
+    ITEM_ERROR: {"exc_type": _TEXT, "message": str, "traceback": _TEXT, "item_type": _TEXT,
+                 "action": str, "count": int},
+    STUCK: {"item_type": _TEXT, "seconds": (float, int), "stack": str, "action": str,
+            "limit": (float, int)},
+    WELCOME: {"generation": int},
     START: {},
     DRAIN: {"expected": int},
     STOP: {},
     EXIT: {},
     ABORT: {"reason": str},
     PING: {},
+    LOST: {"replica": int, "generation": int},
+    REJOINED: {"replica": int, "generation": int},
 }
 
 

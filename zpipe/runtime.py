@@ -11,6 +11,7 @@ with one cheap flag read per message; everything else happens when idle.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -22,11 +23,13 @@ from typing import Callable
 import zmq
 
 from . import balance, codec, failures, protocol, transport
+from .delivery import Lots
 from .control import Aborted, Control, SourceStopped
 from .inbox import Inbox, Reorder
 from .outbox import BATCH_ITEMS_REPLICATED, Outbox
 from .security import Curve
 from .shapes import Body, Callee
+from .stuck import CallWatch
 
 log = logging.getLogger("zpipe")
 
@@ -53,6 +56,8 @@ class Wiring:
     input_max_size: int | None = None       # bytes per frame, on this stage's input
     downstream_max_size: int | None = None  # ... and on the next stage's
     downstream_name: str = ""
+    input_leased: bool = False     # messages in are acknowledged once finished (delivery.py)
+    output_leased: bool = False    # ... and so are messages out: kept until then
 
 
 class Heartbeat(threading.Thread):
@@ -65,8 +70,9 @@ class Heartbeat(threading.Thread):
     def __init__(self, ctx: zmq.Context, address: str, identity: str,
                  counts: Callable[[], dict[str, int]], supervisor_timeout: float,
                  on_lost: Callable[[], None], first_contact_timeout: float = 60.0,
-                 curve: Curve | None = None):
+                 curve: Curve | None = None, watch: CallWatch | None = None):
         super().__init__(name=f"zpipe-heartbeat-{identity}", daemon=True)
+        self.watch = watch  # the replica's stuck-call watch (stuck.py), if it has one
         self.ctx = ctx
         self.address = address
         self.identity = identity
@@ -94,7 +100,11 @@ class Heartbeat(threading.Thread):
         last_ping, heard = time.monotonic(), False
         try:
             while not self.stopping.is_set():
-                sock.send(protocol.pack(protocol.HEARTBEAT, **self.counts()))
+                watch = self.watch
+                if watch is not None:
+                    watch.check(sock)
+                sock.send(protocol.pack(protocol.HEARTBEAT, **self.counts(),
+                                        call_started_ago=watch.ago() if watch else None))
                 deadline = time.monotonic() + HEARTBEAT_INTERVAL
                 while (left := deadline - time.monotonic()) > 0 and not self.stopping.is_set():
                     if sock in dict(poller.poll(int(left * 1000) + 1)):
@@ -137,6 +147,7 @@ class Replica:
         self.name = f"{callee.stage}-{replica}"
         self.wiring = wiring
         self.body = Body(callee, replica, replicas)
+        self.watch = self.body.errors.watch if self.body.errors else None  # see Heartbeat
         self.ctx = ctx
         self.control: Control | None = None
         self.inbox: Inbox | None = None
@@ -159,8 +170,12 @@ class Replica:
         (the heartbeat thread must not walk structures the main thread changes)."""
         inbox, outbox = self.inbox, self.outbox
         taken = outbox is not None and outbox.checking
+        dispatcher = outbox.dispatcher if outbox is not None else None
         return {**self.counts(), "pending": inbox.unfinished(taken) if inbox else 0,
-                "unsent": outbox.unsent() if outbox else 0}
+                "unsent": outbox.unsent() if outbox else 0,
+                "redelivered": dispatcher.outstanding.redelivered if dispatcher else 0,
+                "unacked": dispatcher.outstanding.items() if dispatcher else 0,
+                "stale": inbox.lots.stale if inbox and inbox.lots else 0}
 
     def run(self) -> int:
         sockets: list[zmq.Socket] = []
@@ -168,40 +183,66 @@ class Replica:
         control_sock = transport.dealer(self.ctx, self.wiring.control, self.name, curve)
         sockets.append(control_sock)
         control = self.control = Control(control_sock)
+        if self.body.errors is not None:
+            self.body.errors.send = control.send  # ITEM_ERROR, from this (the body's) thread
         status = 0
         try:
             control.send(protocol.HELLO, pid=os.getpid(), host=socket.gethostname(),
                          version=codec.PROTOCOL_VERSION)
             self.phase = "connect"
-            if self.wiring.input is not None:
-                # Several replicas share the input's work by credits (see balance.py).
-                balanced = self.body.replicas > 1
-                pull = transport.pull(self.ctx, self.wiring.input, self.wiring.input_hwm, curve,
-                                      self.wiring.input_max_size, balanced)
+            # The supervisor's answer says which life of this replica this is:
+            # on a leased input, messages meant for an earlier one are dropped.
+            if not control.wait_for(lambda: control.generation is not None,
+                                    self.wiring.connect_timeout):
+                raise TimeoutError(f"no answer from the supervisor at {self.wiring.control} "
+                                   f"within {self.wiring.connect_timeout:g} s")
+            wiring = self.wiring
+            lots = None
+            if wiring.input is not None:
+                # A leased input is a ROUTER: credits (balance.py), acknowledgements.
+                leased = wiring.input_leased
+                pull = transport.pull(self.ctx, wiring.input, wiring.input_hwm, curve,
+                                      wiring.input_max_size, leased)
                 sockets.append(pull)
-                self.inbox = Inbox(pull, control, self.stage, self.wiring.input_hwm,
-                                   balance.Lender(pull, self.wiring.input_hwm) if balanced else None)
-                if self.wiring.reorder:
+                if leased:
+                    lots = Lots(functools.partial(pull.send_multipart, flags=transport.NOBLOCK))
+                self.inbox = Inbox(pull, control, self.stage, wiring.input_hwm,
+                                   balance.Lender(pull, wiring.input_hwm) if leased else None,
+                                   lots)
+                self.inbox.generation = control.generation
+                if wiring.reorder:
                     self.inbox.reorder = Reorder()
             push = dispatcher = None
-            downstream = self.wiring.downstream
+            downstream = wiring.downstream
             if downstream:
-                balanced = len(downstream) > 1
-                push = transport.push(self.ctx, downstream, self.wiring.downstream_hwm,
-                                      control.handle, self.wiring.connect_timeout, curve, balanced)
+                push = transport.push(self.ctx, downstream, wiring.downstream_hwm,
+                                      control.handle, wiring.connect_timeout, curve,
+                                      wiring.output_leased)
                 sockets.append(push)
-                if balanced:
-                    dispatcher = balance.Dispatcher(push, len(downstream))
+                if wiring.output_leased:
+                    dispatcher = balance.Dispatcher(push, downstream, wiring.downstream_hwm)
+                    control.on_peer = dispatcher.event
             self.outbox = Outbox(push, control, source=self.inbox is None,
-                                 number_outputs=self.wiring.number_outputs,
-                                 ordered_by=self.inbox if self.wiring.ordered else None,
+                                 number_outputs=wiring.number_outputs,
+                                 ordered_by=self.inbox if wiring.ordered else None,
                                  dispatcher=dispatcher,
                                  # Over inproc the receiver would get the sender's very
-                                 # memory: there an array is copied as it is sent.
-                                 copy_arrays=any(a.startswith("inproc://") for a in downstream))
-            self.outbox.max_size = self.wiring.downstream_max_size
-            if dispatcher is not None:
+                                 # memory, and a leased message is kept to be sent
+                                 # again: there an array is copied as it is sent.
+                                 copy_arrays=dispatcher is not None or
+                                 any(a.startswith("inproc://") for a in downstream))
+            self.outbox.max_size = wiring.downstream_max_size
+            if len(downstream) > 1:
                 self.outbox.batch_items = BATCH_ITEMS_REPLICATED
+            if lots is not None and dispatcher is not None:
+                lots.outputs_pending = self.outbox.pending_seq
+                lots.outputs_acked_below = self.outbox.acked_below
+            if lots is not None or dispatcher is not None:
+                control.periodic = self._keep_leases
+                if push is not None and self.inbox is not None:
+                    # An idle replica wakes for acknowledgements too (its input's
+                    # senders may be waiting on them).
+                    self.inbox.wake_for(push.getsockopt(zmq.FD), self._keep_leases)
             self.outbox.downstream = self.wiring.downstream_name
             if self.inbox is not None:
                 self.inbox.before_idle = self.outbox.flush
@@ -221,6 +262,7 @@ class Replica:
             self._teardown()
             if self.terminate_after_teardown:
                 raise SystemExit(EXIT_TERMINATED)
+            self._wait_delivered()
             control.send(protocol.DONE, **self.final_counts())
             self.phase = "done"
             control.wait_for(lambda: control.exit, EXIT_WAIT_TIMEOUT)
@@ -242,6 +284,30 @@ class Replica:
             for sock in sockets:
                 sock.close(0 if status == 0 and sock is not control_sock else transport.LINGER_MS)
         return status
+
+    def _keep_leases(self) -> None:
+        """Take acknowledgements from downstream and give them upstream (delivery.py)."""
+        assert self.outbox is not None
+        self.outbox.pump()
+        if self.inbox is not None and self.inbox.lots is not None:
+            self.inbox.lots.acknowledge()
+
+    def _wait_delivered(self) -> None:
+        """Before DONE on a leased output: every message sent is acknowledged (and sent
+        again first, if the replica it went to was lost)."""
+        outbox, control = self.outbox, self.control
+        assert outbox is not None and control is not None
+        if outbox.dispatcher is None:
+            return
+        poller = zmq.Poller()
+        poller.register(outbox.sock, zmq.POLLIN)
+        poller.register(control.sock, zmq.POLLIN)
+        while True:
+            control.handle()
+            self._keep_leases()
+            if outbox.delivered():
+                return
+            poller.poll(100)
 
     def _teardown_after_failure(self) -> None:
         # The first failure is the one to report; a teardown failing after it

@@ -34,6 +34,8 @@ from . import losses, protocol, transport
 from .codec import PROTOCOL_VERSION
 from .config import PipelineSpec
 from .failures import Failure
+from .itempolicy import Tally, stuck_failure, stuck_report
+from .recovery import Recovery
 from .security import Curve, stop_authenticator
 
 TICK_MS = 100
@@ -53,6 +55,9 @@ class Workers(Protocol):
     def terminate(self, names: list[str]) -> None: ...
 
     def kill(self, names: list[str]) -> None: ...
+
+    def restart(self, name: str) -> None:
+        """Start that replica again (a new life, under the same name)."""
 
 
 @dataclass
@@ -76,6 +81,34 @@ class ReplicaState:
     final: bool = False  # the counts come from its last report (done, error, aborted)
     heartbeat: tuple[int, int] = (0, 0)  # (received, sent) from the last heartbeat
     last_seen: float = 0.0
+    redelivered: int = 0  # items it sent again after a replica downstream was lost
+    unacked: int = 0      # items it had sent and not seen acknowledged (its last report)
+    stale: int = 0        # messages it dropped, meant for its earlier life
+    generation: int = 0   # which life (0: the first); see recovery.py
+    gone: bool = False    # ended for good; its siblings took over its work
+    error_cause: str | None = None  # an exception it reported, when it may be replaced
+    carried: dict[str, int] = field(default_factory=dict)  # counts of its earlier lives
+
+    COUNTED = ("received", "sent", "markers_received", "markers_sent", "redelivered", "stale")
+
+    def total(self, name: str) -> int:
+        """A count over every life of this replica."""
+        return getattr(self, name) + self.carried.get(name, 0)
+
+    def carry(self) -> None:
+        """It died: what it counted stays counted, a next life counts from zero."""
+        for name in self.COUNTED:
+            self.carried[name] = self.carried.get(name, 0) + getattr(self, name)
+            setattr(self, name, 0)
+        self.pending = self.unsent = self.unacked = 0
+
+    def new_life(self) -> None:
+        """It is started again (or comes back by itself): the next generation."""
+        self.generation += 1
+        self.hello = self.ready = self.done = self.failed = self.exited = False
+        self.final = False
+        self.pid, self.error_cause, self.reported = None, None, 0
+        self.heartbeat, self.last_seen = (0, 0), time.monotonic()
 
 
 @dataclass
@@ -85,22 +118,25 @@ class StageState:
     status: str = "running"  # running -> draining -> stopping -> done
     expected: int | None = None
 
+    def total(self, name: str) -> int:
+        return sum(r.total(name) for r in self.replicas)
+
     @property
     def received(self) -> int:
-        return sum(r.received for r in self.replicas)
+        return self.total("received")
 
     @property
     def sent(self) -> int:
-        return sum(r.sent for r in self.replicas)
+        return self.total("sent")
 
     @property
     def items_in(self) -> int:
         """Items received, order markers left out."""
-        return self.received - sum(r.markers_received for r in self.replicas)
+        return self.received - self.total("markers_received")
 
     @property
     def items_out(self) -> int:
-        return self.sent - sum(r.markers_sent for r in self.replicas)
+        return self.sent - self.total("markers_sent")
 
     @property
     def pending(self) -> int:
@@ -109,6 +145,14 @@ class StageState:
     @property
     def unsent(self) -> int:
         return sum(r.unsent for r in self.replicas)
+
+    @property
+    def unacked(self) -> int:
+        return sum(r.unacked for r in self.replicas)
+
+    @property
+    def relived(self) -> bool:
+        return any(r.generation or r.gone for r in self.replicas)
 
 
 @dataclass
@@ -119,6 +163,9 @@ class Outcome:
     signal: int | None = None
     elapsed: float = 0.0
     lost: dict[str, dict[str, int]] = field(default_factory=dict)  # see losses.py
+    restarts: dict[str, int] = field(default_factory=dict)     # per stage (recovery.py)
+    redelivered: dict[str, int] = field(default_factory=dict)  # items sent again into a stage
+    item_errors: dict[str, int] = field(default_factory=dict)  # items skipped or dead-lettered
 
     @property
     def exit_code(self) -> int:
@@ -146,8 +193,15 @@ class Supervisor:
         self.handlers: dict[str, Callable[[ReplicaState, dict[str, Any]], None]] = {
             protocol.HELLO: self._on_hello, protocol.READY: self._on_ready,
             protocol.RECEIVED: self._on_received, protocol.DONE: self._on_done,
-            protocol.ERROR: self._on_error, protocol.ABORTED: self._on_aborted}
+            protocol.ERROR: self._on_error, protocol.ABORTED: self._on_aborted,
+            protocol.ITEM_ERROR: self._on_item_error, protocol.STUCK: self._on_stuck}
+        # Items skipped or dead-lettered, per stage (on_error, itempolicy.py).
+        self.tally = Tally({s.name: s.max_errors for s in spec.stages},
+                           {s.name: (spec.dead_letters / f"{s.name}.msgpack")
+                            if s.on_error == "dead-letter" and spec.dead_letters else None
+                            for s in spec.stages})
         self.strangers = 0  # control messages from peers that are not replicas
+        self.recovery = Recovery(self)
         self.failures: list[Failure] = []
         self.pending_signals: list[int] = []
         self.interrupted: int | None = None
@@ -170,7 +224,8 @@ class Supervisor:
 
     def run(self) -> Outcome:
         try:
-            while not all(r.exited for r in self.replicas.values()):
+            while not all(r.exited for r in self.replicas.values()) or \
+                    (self.recovery.pending() and self.aborting_since is None):
                 self._tick()
             # A replica's last report is sent before it exits; one whose exit
             # was seen in the same tick may still be waiting here.
@@ -186,17 +241,30 @@ class Supervisor:
         else:
             status = "failed" if self.failures else "ok"
         counts = {st.name: {"received": st.items_in, "sent": st.items_out} for st in self.stages}
+        redelivered = {st.name: self.stages[i - 1].total("redelivered")
+                       for i, st in enumerate(self.stages) if i}
+        for name, items in redelivered.items():
+            if items or self.recovery.restarts[name]:
+                self.report(f"stage {name!r}: {self.recovery.restarts[name]} restart(s); "
+                            f"{items} item(s) sent to it again after a replica was lost "
+                            f"(at least once: those may have arrived twice)")
+        for line in self.tally.summary():
+            self.report(line)
         lost = {}
         if status != "ok":
             for stage in self.stages:
                 if stage.status != "done":
                     self.report(f"stage {stage.name!r} stopped: {stage.items_in} in, "
                                 f"{stage.items_out} out")
-            lost = losses.losses(self.stages)
+            lost = losses.losses(self.stages, [self.spec.leased(i)
+                                               for i in range(len(self.stages))])
             for line in losses.describe(lost):
                 self.report(line)
         return Outcome(status, self.failures, counts, self.interrupted,
-                       time.monotonic() - self.started_at, lost)
+                       time.monotonic() - self.started_at, lost,
+                       {k: v for k, v in self.recovery.restarts.items() if v},
+                       {k: v for k, v in redelivered.items() if v},
+                       item_errors=dict(self.tally.counts))
 
     # -- loop --------------------------------------------------------------
 
@@ -220,11 +288,11 @@ class Supervisor:
                 continue
             self._on_message(identity.decode(errors="replace"), data)
 
-    def _send(self, replica: ReplicaState, kind: str, **fields: Any) -> None:
-        if not replica.exited:
-            self.router.send_multipart([replica.name.encode(), protocol.pack(kind, **fields)])
+    def _send(self, to: ReplicaState, kind: str, **fields: Any) -> None:
+        if not to.exited:
+            self.router.send_multipart([to.name.encode(), protocol.pack(kind, **fields)])
             if self.remote and kind == protocol.EXIT:
-                replica.exited = True  # its work is over; it closes by itself
+                to.exited = True  # its work is over; it closes by itself
 
     def _on_message(self, identity: str, data: bytes) -> None:
         heartbeat = identity.endswith("/hb")
@@ -254,6 +322,8 @@ class Supervisor:
                 if not replica.final:
                     # Until its last report, what it said last (a killed replica sends none).
                     self._take_counts(replica, fields, final=False)
+            elif kind == protocol.STUCK:  # the heartbeat thread watches calls (stuck.py)
+                self.handlers[kind](replica, fields)
             return
         handler = self.handlers.get(kind)
         if handler is None:
@@ -280,16 +350,31 @@ class Supervisor:
                                        f"this supervisor {PROTOCOL_VERSION}: run the same zpipe "
                                        f"version everywhere"))
             return
+        if replica.hello and not replica.exited and replica.name not in self.recovery.rejoining:
+            # It was started again by whoever runs it (a container engine) before
+            # its silence was noticed: this life ended there.
+            replica.exited = True
+            if not self.recovery.ended(replica, "was started again (a second hello)"):
+                self._fail(Failure(replica.stage, replica.name, "died",
+                                   message="was started again (it said hello a second "
+                                           "time), and its stage has restart = \"no\""))
+                return
+        coming_back = self.recovery.hello(replica)
         replica.hello, replica.pid = True, fields.get("pid")
         replica.last_seen = time.monotonic()
-        if self.remote:
+        if self.remote and not coming_back:
             self.report(f"replica {replica.name} joined from {fields.get('host')} "
                         f"(pid {replica.pid})")
+        self._send(replica, protocol.WELCOME, generation=replica.generation)
         if self.aborting_since is not None:
             self._send(replica, protocol.ABORT, reason="the pipeline is stopping")
 
     def _on_ready(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         replica.ready = True
+        if replica.name in self.recovery.rejoining:
+            self.recovery.ready(replica)
+            if self.running:
+                return
         if self.aborting_since is None and not self.running and all(
                 r.ready for r in self.replicas.values()):
             self.running = True
@@ -315,11 +400,18 @@ class Supervisor:
             self._fail(Failure(stage.name, replica.name, "error", exc_type="zpipe.ProtocolError",
                                message="finished before its input ended"))
             return
-        if not all(r.done for r in stage.replicas) or stage.status == "done":
+        self._check_stage_done(stage)
+
+    def _stage_ended_replica(self, replica: ReplicaState) -> None:
+        """A replica is gone for good: its stage may be done without it."""
+        self._check_stage_done(self._stage_of(replica))
+
+    def _check_stage_done(self, stage: StageState) -> None:
+        if stage.status == "done" or not all(r.done or r.gone for r in stage.replicas):
             return
         index = self.stages.index(stage)
         if stage.expected is not None and stage.received != stage.expected:
-            self._fail(Failure(stage.name, replica.name, "error", exc_type="zpipe.CountMismatch",
+            self._fail(Failure(stage.name, "*", "error", exc_type="zpipe.CountMismatch",
                                message=f"received {stage.received} items, upstream sent "
                                        f"{stage.expected}"))
             return
@@ -327,22 +419,60 @@ class Supervisor:
         self.report(f"stage {stage.name!r} finished: {stage.items_in} in, {stage.items_out} out")
         if index + 1 < len(self.stages):
             following = self.stages[index + 1]
-            following.status, following.expected = "draining", stage.sent
-            for r in following.replicas:
-                self._send(r, protocol.DRAIN, expected=stage.sent)
+            if self.spec.leased(index + 1):
+                # Every message it sent was acknowledged before its DONE, and an
+                # acknowledgement means finished downstream: nothing is left.
+                following.status = "stopping"
+                for r in following.replicas:
+                    self._send(r, protocol.STOP)
+                for r in stage.replicas:
+                    self._send(r, protocol.EXIT)
+            else:
+                following.status, following.expected = "draining", stage.sent
+                for r in following.replicas:
+                    self._send(r, protocol.DRAIN, expected=stage.sent)
         else:
             for r in stage.replicas:
                 self._send(r, protocol.EXIT)
 
     def _on_error(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
-        replica.failed = True
         self._take_counts(replica, fields)
-        self._fail(Failure(replica.stage, replica.name, "error",
-                           message=fields.get("message", ""), exc_type=fields.get("exc_type"),
-                           traceback=fields.get("traceback"), item_type=fields.get("item_type"),
-                           phase=fields.get("phase"), exc_module=fields.get("exc_module"),
-                           exc_qualname=fields.get("exc_qualname"), args=fields.get("args")))
+        failure = Failure(replica.stage, replica.name, "error",
+                          message=fields.get("message", ""), exc_type=fields.get("exc_type"),
+                          traceback=fields.get("traceback"), item_type=fields.get("item_type"),
+                          phase=fields.get("phase"), exc_module=fields.get("exc_module"),
+                          exc_qualname=fields.get("exc_qualname"), args=fields.get("args"))
+        if self.recovery.replaceable(replica):
+            # Said in full now; what follows (restart, siblings) when it has exited.
+            self.report(failure.describe())
+            replica.error_cause = f"raised {failure.exc_type}: {failure.message}"[:300]
+        else:
+            replica.failed = True
+            self._fail(failure)
         self._send(replica, protocol.ABORT, reason="failed")
+
+    def _on_item_error(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        """An item was skipped or dead-lettered: say so (rate-limited), count it, and fail
+        the run once its stage has had more than max_errors."""
+        line, failure = self.tally.item_error(replica.stage, replica.name, fields)
+        if line:
+            self.report(line)
+        if failure is not None and self.aborting_since is None:
+            self._fail(failure)
+
+    def _on_stuck(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        """A call ran past item_timeout: say so with its stack; fail the run for on_error =
+        "fail", and when the call could not be interrupted (unless a restart or the
+        stage's other replicas take over when the replica ends)."""
+        self.report(stuck_report(replica.stage, replica.name, fields))
+        failure = stuck_failure(replica.stage, replica.name, fields)
+        if failure is None or self.aborting_since is not None:
+            return
+        if failure.kind == "died" and self.recovery.replaceable(replica):
+            replica.error_cause = failure.message[:300]
+            return
+        replica.failed = True
+        self._fail(failure)
 
     def _on_aborted(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         self._take_counts(replica, fields)
@@ -350,7 +480,7 @@ class Supervisor:
     @staticmethod
     def _take_counts(replica: ReplicaState, fields: dict[str, Any], final: bool = True) -> None:
         for name in ("received", "sent", "markers_received", "markers_sent", "pending",
-                     "unsent"):
+                     "unsent", "redelivered", "stale", "unacked"):
             setattr(replica, name, fields.get(name, getattr(replica, name)))
         replica.final = replica.final or final
 
@@ -394,13 +524,34 @@ class Supervisor:
     def _on_exit(self, replica: ReplicaState, status: int | None) -> None:
         """A replica ended (``status``), or a remote one fell silent (None)."""
         replica.exited = True
-        expected = (replica.done and status == 0) or replica.failed or \
-            self.aborting_since is not None or self.killed
-        if not expected:
-            how = describe_status(status) if status is not None else \
-                f"no heartbeat for {HEARTBEAT_TIMEOUT:g} s (its process or host is gone)"
-            self._fail(Failure(replica.stage, replica.name, "died",
-                               message=f"(pid {replica.pid}) died without a word: {how}"))
+        index = self.spec.index(replica.stage)
+        # After DONE on a leased output (or as the sink) everything it sent was
+        # acknowledged: however it ends then, nothing is lost.
+        finished = replica.done and (status == 0 or index + 1 == len(self.stages) or
+                                     self.spec.leased(index + 1))
+        expected = finished or replica.failed or self.aborting_since is not None or self.killed
+        if expected:
+            return
+        how = describe_status(status) if status is not None else \
+            f"no heartbeat for {HEARTBEAT_TIMEOUT:g} s (its process or host is gone)"
+        cause = replica.error_cause or (f"was {how}" if how.startswith("killed") else
+                                        f"sent {how}" if status is None else how)
+        if self.recovery.ended(replica, cause):
+            return
+        self._fail(Failure(replica.stage, replica.name, "died",
+                           message=f"(pid {replica.pid}) died without a word: {how}"))
+
+    def _flapping(self, replica: ReplicaState, deaths: int, limit: int, window: float,
+                  cause: str) -> None:
+        self._fail(Failure(replica.stage, replica.name, "died",
+                           message=f"is flapping: it died {deaths} times within {window:g} s "
+                                   f"(max_restarts = {limit}); the last time it {cause}"))
+
+    def _did_not_return(self, replica: ReplicaState, timeout: float) -> None:
+        self._fail(Failure(replica.stage, replica.name, "died",
+                           message=f"did not come back within {timeout:g} s of its death "
+                                   f"(restart = \"on-failure\": its host should start it "
+                                   f"again)"))
 
     def _on_signal(self, signum: int) -> None:
         if self.interrupted is None:
@@ -422,6 +573,8 @@ class Supervisor:
 
     def _check_timers(self) -> None:
         now = time.monotonic()
+        if self.aborting_since is None:
+            self.recovery.tick(now)
         if self.remote and self.killed:
             for r in self.replicas.values():
                 r.exited = True

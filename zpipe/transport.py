@@ -52,12 +52,17 @@ def peer_id(replica: int) -> bytes:
 
 def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None,
          max_size: int | None = None, balanced: bool = False) -> zmq.Socket:
-    """A stage replica's input, bound on its own address: PULL, or ROUTER if ``balanced``.
+    """A stage replica's input, bound on its own address: PULL, or ROUTER if ``balanced``
+    (a leased link, delivery.py).
 
     ``max_size`` caps each frame (ZMQ_MAXMSGSIZE): ZeroMQ drops a peer that
     sends more, so zpipe's own senders check it before sending.
     """
     sock = _socket(ctx, zmq.ROUTER if balanced else zmq.PULL, hwm)
+    if balanced:
+        # What it sends back (credits, acknowledgements) is small, and a ROUTER
+        # drops what would pass its HWM: a sender would wait for ever.
+        sock.setsockopt(zmq.SNDHWM, 0)
     if max_size is not None:
         sock.setsockopt(zmq.MAXMSGSIZE, max_size)
     if curve is not None:

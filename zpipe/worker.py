@@ -51,7 +51,9 @@ def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replic
                   reorder=reordering(upstream), keys=str(spec.keys) if spec.keys else None,
                   input_max_size=stage.max_message_size,
                   downstream_max_size=downstream.max_message_size if downstream else None,
-                  downstream_name=downstream.name if downstream else "")
+                  downstream_name=downstream.name if downstream else "",
+                  input_leased=spec.leased(index), output_leased=spec.leased(index + 1)
+                  if downstream else False)
 
 
 def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
@@ -104,7 +106,7 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
     heartbeat = Heartbeat(context, wiring.control, worker.name, worker.counts, timeout,
                           on_lost=lambda: _supervisor_lost(worker.name, timeout),
                           first_contact_timeout=wiring.connect_timeout,
-                          curve=Curve(wiring.keys) if wiring.keys else None)
+                          curve=Curve(wiring.keys) if wiring.keys else None, watch=worker.watch)
     heartbeat.start()
     try:
         return worker.run()

@@ -1,0 +1,98 @@
+"""Leases on a link: what a sender keeps until acknowledged, and when a receiver acknowledges."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from zpipe.codec import DecodeError
+from zpipe.delivery import Lots, Outstanding, lease_frame, read_lease
+
+
+def test_lease_frames_round_trip_and_garbage_is_a_decode_error():
+    assert read_lease(lease_frame(7, 2)) == (7, 2)
+    for junk in (b"", b"\xc1", msgpack.packb(7), msgpack.packb([1]), msgpack.packb([-1, 0]),
+                 msgpack.packb(["a", 0]), msgpack.packb([1, 2, 3])):
+        with pytest.raises(DecodeError):
+            read_lease(junk)
+
+
+def test_a_sender_keeps_each_message_until_acknowledged_and_caps_each_replica():
+    out = Outstanding(replicas=2, cap=2)
+    a = out.record(0, [b"a"], 3)
+    b = out.record(0, [b"b"], 1)
+    assert (a, b) == (0, 1) and not out.room(0) and out.room(1)
+    assert out.items() == 4 and out.acked_below() == 0
+    out.acknowledged([a, 99, "junk"])  # unknown and malformed seqs are ignored
+    assert out.room(0) and out.acked_below() == 1 and out.items() == 1
+    out.acknowledged([b])
+    assert not out and out.acked_below() == out.next_seq == 2
+
+
+def test_a_lost_replica_s_messages_are_sent_again_and_counted():
+    out = Outstanding(replicas=2, cap=10)
+    seqs = [out.record(r, [f"{r}-{i}".encode()], 2) for r in (0, 1) for i in range(3)]
+    assert out.lose(1, generation=1) == 6
+    assert list(out.resend) == seqs[3:] and out.redelivered == 6 and out.held == [3, 0]
+    assert out.generation == [0, 1]
+    frames = out.resent(seqs[3], 0)
+    assert frames == [b"1-0"] and out.held == [4, 0]
+    out.acknowledged(seqs)
+    assert not out and out.held == [0, 0]
+
+
+def _lots(acks: list) -> Lots:
+    return Lots(lambda frames: acks.append((frames[0], msgpack.unpackb(frames[1]))))
+
+
+def test_a_sink_acknowledges_a_message_once_every_item_in_it_is_finished():
+    acks: list = []
+    lots = _lots(acks)
+    lots.arrived(b"up", 5, 2)
+    lots.take()
+    lots.finish()
+    assert acks == []  # one of two items finished
+    lots.take()
+    assert acks == []  # the second is in the stage's hands
+    lots.finish()
+    assert acks == [(b"up", [5])] and not lots.waiting()
+
+
+def test_a_relay_acknowledges_only_once_its_outputs_are_acknowledged():
+    acks: list = []
+    lots = _lots(acks)
+    state = {"next_seq": 0, "acked_below": 0}
+    lots.outputs_pending = lambda: state["next_seq"] - 1
+    lots.outputs_acked_below = lambda: state["acked_below"]
+    lots.arrived(b"up", 0, 1)
+    lots.take()
+    state["next_seq"] = 1  # its output went out as this relay's message 0
+    lots.finish()
+    assert acks == []
+    state["acked_below"] = 1  # the next stage acknowledged message 0
+    lots.acknowledge()
+    assert acks == [(b"up", [0])]
+
+
+def test_acknowledgements_go_in_order_of_arrival():
+    acks: list = []
+    lots = _lots(acks)
+    lots.arrived(b"a", 0, 1)
+    lots.arrived(b"b", 0, 1)
+    first = lots.taking[0]
+    lots.take()
+    lots.take()  # both items in hand at once (a batch)
+    first.left = 1  # as if the first were not finished yet
+    lots.in_hand = [lots.finishing[1]]
+    lots.finish()
+    assert acks == []  # the second waits for the first
+    lots.in_hand = [first]
+    lots.finish()
+    assert acks == [(b"a", [0]), (b"b", [0])]
+
+
+def test_a_message_with_nothing_to_finish_is_acknowledged_at_once():
+    acks: list = []
+    lots = _lots(acks)
+    lots.arrived(b"up", 3, 0)  # all its entries dropped here (duplicates, or malformed)
+    assert acks == [(b"up", [3])]

@@ -1,0 +1,205 @@
+"""At-least-once delivery on a link: every message is a lease, returned as its acknowledgement.
+
+A link is leased from the input of the first stage whose replicas may die
+without failing the run (``restart = "on-failure"``, or several replicas:
+PipelineSpec.leased) to the sink. On such a link:
+
+- The sender numbers each message (``seq``, one count per sender) and keeps
+  it (``Outstanding``) until the replica it went to acknowledges it; it sends
+  to a replica at most the receiving stage's ``hwm`` messages not yet
+  acknowledged, so what it keeps is bounded by the link's hwm.
+- The receiver acknowledges a message (``Lots``) once it has finished every
+  item in it: the call on each returned and every output those calls made
+  has been acknowledged by the next stage in turn (a sink: the calls
+  returned). An item is finished when the stage asks for the next one, so a
+  stream function's items count as finished once taken from its iterator:
+  what it keeps inside (a window) cannot be told apart, and is lost with it.
+- When a replica is lost, the supervisor says LOST: its senders move what it
+  had not acknowledged to the front of what they send (to a sibling, or to
+  its restarted self once that has said it is back: REJOINED), count those
+  items as redelivered. Each message carries the generation of the replica
+  it is meant for: what ZeroMQ still queued for the lost one reaches its
+  restarted self (a later generation), which drops it.
+
+The first frame of a data message on a leased link, after the routing id,
+is the lease: msgpack ``[seq, generation]``. An acknowledgement, from
+receiver to sender, is msgpack ``[seq, ...]``; a credit (balance.py) is a
+bare integer.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+import msgpack
+
+from .codec import DecodeError
+
+
+def lease_frame(seq: int, generation: int) -> bytes:
+    return msgpack.packb([seq, generation])
+
+
+def read_lease(frame: bytes) -> tuple[int, int]:
+    """(seq, generation) of a lease frame; DecodeError for anything else."""
+    try:
+        value = msgpack.unpackb(frame)
+    except Exception as exc:  # noqa: BLE001 - any decoding failure
+        raise DecodeError(f"not a lease: {type(exc).__name__}") from None
+    if type(value) is not list or len(value) != 2 or \
+            any(type(v) is not int or v < 0 for v in value):
+        raise DecodeError("not a lease: expected [seq, generation]")
+    return value[0], value[1]
+
+
+class Outstanding:
+    """A sender's messages not yet acknowledged, per downstream replica (the sender's side)."""
+
+    def __init__(self, replicas: int, cap: int):
+        self.unacked: dict[int, list[Any]] = {}  # seq -> [replica or None, frames, items]
+        self.held = [0] * replicas               # unacknowledged messages per replica
+        self.cap = cap                           # at most this many per replica (its hwm)
+        self.generation = [0] * replicas         # what each replica's messages carry
+        self.next_seq = 0
+        self.resend: collections.deque[int] = collections.deque()  # seqs to send again
+        self.redelivered = 0                     # items sent again after a loss
+
+    def room(self, replica: int) -> bool:
+        return self.held[replica] < self.cap
+
+    def record(self, replica: int, frames: list[Any], items: int) -> int:
+        """A new message goes to ``replica``: its seq."""
+        seq = self.next_seq
+        self.next_seq += 1
+        self.unacked[seq] = [replica, frames, items]
+        self.held[replica] += 1
+        return seq
+
+    def resent(self, seq: int, replica: int) -> list[Any]:
+        """A message from the resend queue goes to ``replica``: its frames."""
+        entry = self.unacked[seq]
+        entry[0] = replica
+        self.held[replica] += 1
+        return entry[1]
+
+    def acknowledged(self, seqs: Any) -> None:
+        for seq in seqs:
+            entry = self.unacked.pop(seq, None) if type(seq) is int else None
+            if entry is not None and entry[0] is not None:
+                self.held[entry[0]] -= 1
+
+    def lose(self, replica: int, generation: int) -> int:
+        """``replica`` is gone: what it held goes to the resend queue; the items counted."""
+        self.generation[replica] = generation
+        moved = 0
+        for seq, entry in self.unacked.items():
+            if entry[0] == replica:
+                entry[0] = None
+                self.resend.append(seq)
+                moved += entry[2]
+        self.held[replica] = 0
+        self.redelivered += moved
+        return moved
+
+    def items(self) -> int:
+        """Items in the messages not acknowledged yet."""
+        return sum(entry[2] for entry in self.unacked.values())
+
+    def acked_below(self) -> int:
+        """Every message with a lower seq is acknowledged."""
+        return next(iter(self.unacked), self.next_seq)
+
+    def __bool__(self) -> bool:
+        return bool(self.unacked)
+
+
+class Lot:
+    """One message taken in on a leased link, until it is acknowledged."""
+
+    __slots__ = ("sender", "seq", "to_take", "left", "needs")
+
+    def __init__(self, sender: bytes, seq: int, items: int):
+        self.sender, self.seq = sender, seq
+        self.to_take = items   # items not yet handed to the stage
+        self.left = items      # items not yet finished
+        self.needs = -1        # outputs up to this seq must be acknowledged first
+
+
+class Lots:
+    """A receiver's messages in hand, acknowledged to their senders once finished."""
+
+    def __init__(self, send: Callable[[list[bytes]], None]):
+        self.send = send                              # frames out of the input socket
+        self.taking: collections.deque[Lot] = collections.deque()  # items still to hand out
+        self.finishing: collections.deque[Lot] = collections.deque()  # in order of arrival
+        self.in_hand: list[Lot] = []                  # the lots of the items the stage holds
+        # Set by the runtime: the seq outputs so far will have, and what the
+        # next stage has acknowledged (none: a sink, whose lots need nothing).
+        self.outputs_pending: Callable[[], int] = lambda: -1
+        self.outputs_acked_below: Callable[[], int] = lambda: 0
+        self.stale = 0                                # messages meant for an earlier generation
+
+    def arrived(self, sender: bytes, seq: int, items: int, reordered: bool = False) -> Lot:
+        """A message of ``items`` entries came in. Its items are handed out in order
+        of arrival (take), or, ``reordered``, each with its lot (hold, done)."""
+        lot = Lot(sender, seq, items)
+        self.finishing.append(lot)
+        if not items:
+            lot.needs = self.outputs_pending()  # nothing to finish (all dropped here)
+            self.acknowledge()
+        elif not reordered:
+            self.taking.append(lot)
+        return lot
+
+    def take(self) -> None:
+        """The stage takes the next item, in order of arrival."""
+        lot = self.taking[0]
+        lot.to_take -= 1
+        if not lot.to_take:
+            self.taking.popleft()
+        self.in_hand.append(lot)
+
+    def hold(self, lot: Lot) -> None:
+        """The stage takes an item of ``lot`` (released by the reordering)."""
+        self.in_hand.append(lot)
+
+    def done(self, lot: Lot) -> None:
+        """An entry of ``lot`` needs no call: a marker, or a duplicate dropped."""
+        lot.left -= 1
+        if not lot.left:
+            lot.needs = self.outputs_pending()
+            self.acknowledge()
+
+    def finish(self) -> None:
+        """The stage has finished every item it held (it asks for more, or has ended)."""
+        hand = self.in_hand
+        if not hand:
+            return
+        finished = False
+        for lot in hand:
+            lot.left -= 1
+            if not lot.left:
+                lot.needs = self.outputs_pending()
+                finished = True
+        hand.clear()
+        if finished:
+            self.acknowledge()
+
+    def acknowledge(self) -> None:
+        """Acknowledge, in order of arrival, the lots that are finished and whose
+        outputs the next stage has acknowledged."""
+        finishing = self.finishing
+        if not finishing or finishing[0].left:
+            return
+        acked_below = self.outputs_acked_below()
+        done: dict[bytes, list[int]] = {}
+        while finishing and not finishing[0].left and finishing[0].needs < acked_below:
+            lot = finishing.popleft()
+            done.setdefault(lot.sender, []).append(lot.seq)
+        for sender, seqs in done.items():
+            self.send([sender, msgpack.packb(seqs)])
+
+    def waiting(self) -> bool:
+        """Whether some lot is not acknowledged yet."""
+        return bool(self.finishing)
