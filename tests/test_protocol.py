@@ -97,7 +97,7 @@ def test_a_peer_of_another_version_is_a_clear_error(tmp_path):
         if supervisor.failures:
             break
     peer.close()
-    supervisor.router.close(0)
+    supervisor.close()
     ctx.term()
     assert supervisor.failures
     assert f"protocol version {wire.PROTOCOL_VERSION + 1}" in supervisor.failures[0].message

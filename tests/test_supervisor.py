@@ -395,7 +395,7 @@ def test_a_replica_message_with_wrong_fields_is_ignored_not_acted_on(tmp_path):
     while len(reports) < len(bad) and time.monotonic() < deadline:
         supervisor._tick()
     peer.close()
-    supervisor.router.close(0)
+    supervisor.close()
     ctx.term()
     assert len(reports) == len(bad), reports
     assert all(r.startswith("ignored") for r in reports), reports

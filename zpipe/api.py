@@ -333,6 +333,9 @@ class _Both:
         for part in self.parts:
             part.restart(name)
 
+    def alive(self, name: str) -> bool:
+        return any(part.alive(name) for part in self.parts)
+
 
 # -- ParallelPipe's model ----------------------------------------------------------
 

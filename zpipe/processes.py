@@ -62,6 +62,10 @@ class Processes:
             argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE))
 
+    def alive(self, name: str) -> bool:
+        handle = self.handles.get(name)
+        return handle is not None and handle.poll() is None
+
     def restart(self, name: str) -> None:
         start = self.starters.get(name)
         if start is None:
@@ -132,6 +136,10 @@ class Threads:
         self.runs[name] = run
         thread.start()
 
+    def alive(self, name: str) -> bool:
+        thread = self.threads.get(name)
+        return thread is not None and thread.is_alive()
+
     def restart(self, name: str) -> None:
         thread = self.threads.get(name)
         if name in self.runs and (thread is None or not thread.is_alive()):
@@ -188,3 +196,6 @@ class Remote:
 
     def restart(self, name: str) -> None:
         pass  # its host starts it again; it says hello (recovery.py waits for it)
+
+    def alive(self, name: str) -> bool:
+        return True  # not known here: its connection says (liveness.py)

@@ -34,6 +34,7 @@ from .stuck import CallWatch
 log = logging.getLogger("zpipe")
 
 HEARTBEAT_INTERVAL = 1.0
+PAUSE = 1.0  # a heartbeat this late means its thread did not run meanwhile
 ERROR_ACK_TIMEOUT = 10.0
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_WAIT_TIMEOUT = None  # a finished replica waits for EXIT as long as the supervisor lives
@@ -110,6 +111,12 @@ class Heartbeat(threading.Thread):
                     if sock in dict(poller.poll(int(left * 1000) + 1)):
                         sock.recv()
                         last_ping, heard = time.monotonic(), True
+                if time.monotonic() - deadline > PAUSE:
+                    # This thread did not run for a while (a call holding the GIL,
+                    # SIGSTOP): the supervisor's silence then says nothing. Beat
+                    # again, and judge only from now on.
+                    last_ping = time.monotonic()
+                    continue
                 # Until the first ping the supervisor may still be starting
                 # (containers start in any order): allow it the start-up time.
                 limit = self.supervisor_timeout if heard else max(self.supervisor_timeout,

@@ -33,7 +33,9 @@ import zmq
 from . import losses, protocol, transport
 from .codec import PROTOCOL_VERSION
 from .config import PipelineSpec
+from . import liveness
 from .failures import Failure
+from .liveness import Liveness
 from .itempolicy import Tally, stuck_failure, stuck_report
 from .recovery import Recovery
 from .security import Curve, stop_authenticator
@@ -41,7 +43,9 @@ from .security import Curve, stop_authenticator
 TICK_MS = 100
 ABORT_WAIT = 3.0      # after ABORT, how long before SIGTERM
 TERMINATE_WAIT = 3.0  # after SIGTERM, how long before SIGKILL
-HEARTBEAT_TIMEOUT = 5.0  # a remote replica silent this long is gone
+HEARTBEAT_TIMEOUT = 5.0  # a remote replica silent this long is said to be
+GIL_SILENCE = 3.0  # no heartbeat for this long, in a call past item_timeout: it holds the GIL
+DROP_SETTLE = 0.5  # a local replica whose connection dropped and lives this long is frozen
 STRANGERS_REPORTED = 5   # messages from unknown peers reported one by one,
 STRANGERS_EVERY = 1000   # then one line per this many
 
@@ -58,6 +62,9 @@ class Workers(Protocol):
 
     def restart(self, name: str) -> None:
         """Start that replica again (a new life, under the same name)."""
+
+    def alive(self, name: str) -> bool:
+        """Whether that replica's process (or thread) is still there."""
 
 
 @dataclass
@@ -81,6 +88,9 @@ class ReplicaState:
     final: bool = False  # the counts come from its last report (done, error, aborted)
     heartbeat: tuple[int, int] = (0, 0)  # (received, sent) from the last heartbeat
     last_seen: float = 0.0
+    silent: bool = False  # its heartbeats stopped (and that was said)
+    gil_stuck: bool = False  # a call of it past item_timeout holds the GIL (and was ended)
+    call_ago: float | None = None  # its last heartbeat: seconds in the call on one item
     redelivered: int = 0  # items it sent again after a replica downstream was lost
     unacked: int = 0      # items it had sent and not seen acknowledged (its last report)
     stale: int = 0        # messages it dropped, meant for its earlier life
@@ -109,6 +119,8 @@ class ReplicaState:
         self.final = False
         self.pid, self.error_cause, self.reported = None, None, 0
         self.heartbeat, self.last_seen = (0, 0), time.monotonic()
+        self.silent = self.gil_stuck = False
+        self.call_ago = None
 
 
 @dataclass
@@ -187,6 +199,7 @@ class Supervisor:
         self.ctx = ctx or zmq.Context.instance()
         curve = Curve(spec.keys) if spec.keys else None
         self.router = transport.router(self.ctx, control_address, curve)
+        self.liveness = Liveness(self.router)
         self.stages = [StageState(s.name, [ReplicaState(s.replica_name(i), s.name, i)
                                            for i in range(s.replicas)]) for s in spec.stages]
         self.replicas = {r.name: r for st in self.stages for r in st.replicas}
@@ -202,6 +215,7 @@ class Supervisor:
                             for s in spec.stages})
         self.strangers = 0  # control messages from peers that are not replicas
         self.recovery = Recovery(self)
+        self.dropped: dict[str, float] = {}  # local replicas whose connection dropped, when
         self.failures: list[Failure] = []
         self.pending_signals: list[int] = []
         self.interrupted: int | None = None
@@ -231,8 +245,7 @@ class Supervisor:
             # was seen in the same tick may still be waiting here.
             self._read_messages()
         finally:
-            self.router.close(0)
-            stop_authenticator(self.ctx)
+            self.close()
         if self.strangers:
             self.report(f"ignored {self.strangers} control message(s) from peers that are not "
                         f"replicas of this pipeline")
@@ -266,11 +279,19 @@ class Supervisor:
                        {k: v for k, v in redelivered.items() if v},
                        item_errors=dict(self.tally.counts))
 
+    def close(self) -> None:
+        """Close its sockets (run() does, at its end)."""
+        self.liveness.close()
+        self.router.close(0)
+        stop_authenticator(self.ctx)
+
     # -- loop --------------------------------------------------------------
 
     def _tick(self) -> None:
         if self.router.poll(TICK_MS):
             self._read_messages()
+        for identity in self.liveness.dropped():
+            self._connection_dropped(identity.removesuffix("/hb"))
         for name, status in self.workers.exited().items():
             self._on_exit(self.replicas[name], status)
         while self.pending_signals:
@@ -281,12 +302,14 @@ class Supervisor:
         """Handle every message waiting, without waiting for more."""
         while True:
             try:
-                identity, data = self.router.recv_multipart(zmq.NOBLOCK)
+                frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            except ValueError:
+            if len(frames) != 2:
                 continue
-            self._on_message(identity.decode(errors="replace"), data)
+            identity = frames[0].bytes.decode(errors="replace")
+            self.liveness.heard(identity, frames[1])
+            self._on_message(identity, frames[1].bytes)
 
     def _send(self, to: ReplicaState, kind: str, **fields: Any) -> None:
         if not to.exited:
@@ -311,10 +334,18 @@ class Supervisor:
         except ValueError as exc:
             self.report(f"ignored a control message from replica {identity}: {exc}")
             return
+        if replica.exited and not replica.done and kind != protocol.HELLO:
+            # A replica taken for lost (frozen, then woken) speaks again: it is
+            # not one any more; its work went elsewhere.
+            self.router.send_multipart([replica.name.encode(), protocol.pack(
+                protocol.ABORT, reason="taken for lost: its work went elsewhere")])
+            return
         if heartbeat:
             self.router.send_multipart([identity.encode(), protocol.pack(protocol.PING)])
             replica.last_seen = time.monotonic()
+            replica.silent = False
             if kind == protocol.HEARTBEAT:
+                replica.call_ago = fields.get("call_started_ago")
                 counts = (fields.get("received", 0), fields.get("sent", 0))
                 if counts != replica.heartbeat:
                     replica.heartbeat = counts
@@ -468,8 +499,13 @@ class Supervisor:
         failure = stuck_failure(replica.stage, replica.name, fields)
         if failure is None or self.aborting_since is not None:
             return
-        if failure.kind == "died" and self.recovery.replaceable(replica):
-            replica.error_cause = failure.message[:300]
+        if self.recovery.replaceable(replica):
+            replica.error_cause = failure.message[:300] if failure.kind == "died" else \
+                f"was stuck: {failure.message}"[:300]
+            if failure.kind == "error":
+                # on_error = "fail": the item fails its replica, which a restart or
+                # its siblings replace; it is stuck, so it is ended from here.
+                self._end_stuck(replica)
             return
         replica.failed = True
         self._fail(failure)
@@ -539,7 +575,45 @@ class Supervisor:
         if self.recovery.ended(replica, cause):
             return
         self._fail(Failure(replica.stage, replica.name, "died",
-                           message=f"(pid {replica.pid}) died without a word: {how}"))
+                           message=f"(pid {replica.pid}) {replica.error_cause}" if
+                           replica.error_cause else
+                           f"(pid {replica.pid}) died without a word: {how}"))
+
+    def _connection_dropped(self, name: str) -> None:
+        """ZeroMQ dropped a replica's connection: it ended, or it did not answer the
+        heartbeats of its libzmq thread, which a call holding the GIL still answers."""
+        replica = self.replicas.get(name)
+        if replica is None or replica.exited or replica.done or self.aborting_since is not None \
+                or self.killed:
+            return
+        if not self.remote:
+            # A process that ends drops its connections a moment before it is seen
+            # to exit: look again shortly (_check_dropped).
+            self.dropped.setdefault(name, time.monotonic())
+            return
+        replica.error_cause = (f"lost its connection: its process ended, or did not answer "
+                               f"ZeroMQ's heartbeats for {liveness.PONG_TIMEOUT_MS / 1000:g} s "
+                               f"(frozen, or its host is gone)")
+        self._on_exit(replica, None)
+
+    def _check_dropped(self, now: float) -> None:
+        """Local replicas whose connection dropped a while ago and that still live: frozen."""
+        for name, when in list(self.dropped.items()):
+            replica = self.replicas[name]
+            if replica.exited or replica.done or self.aborting_since is not None:
+                del self.dropped[name]
+                continue
+            if now - when < DROP_SETTLE or not self.workers.alive(name):
+                continue  # not yet, or it exited: the exit says how
+            del self.dropped[name]
+            state = process_state(replica.pid)
+            replica.error_cause = (
+                f"was stopped ({state}) and did not answer ZeroMQ's heartbeats for "
+                f"{liveness.PONG_TIMEOUT_MS / 1000:g} s" if state else
+                f"did not answer ZeroMQ's heartbeats for {liveness.PONG_TIMEOUT_MS / 1000:g} s "
+                f"(frozen)")
+            self.report(f"replica {name} {replica.error_cause}; killing it")
+            self.workers.kill([name])  # its exit then goes the usual way
 
     def _flapping(self, replica: ReplicaState, deaths: int, limit: int, window: float,
                   cause: str) -> None:
@@ -603,19 +677,54 @@ class Supervisor:
                 self._kill()
         if self.remote:
             self._check_remote(now)
+        self._check_gil_stuck(now)
+        self._check_dropped(now)
         if self.killed_since is not None and now - self.killed_since > TERMINATE_WAIT:
             # Only threads outlive a kill: they cannot be forced. Leave them.
             for name in self._alive():
                 self.report(f"replica {name} did not stop; left behind")
                 self.replicas[name].exited = True
 
+    def _check_gil_stuck(self, now: float) -> None:
+        """Heartbeats that stop for longer than item_timeout, from a replica ZeroMQ still
+        hears, mean a call holding the GIL: its own watch (stuck.py) cannot run, so
+        the supervisor says it, and ends it."""
+        if self.aborting_since is not None or not self.running:
+            return
+        for r in self.replicas.values():
+            limit = self.spec.stage(r.stage).item_timeout
+            if limit is None or r.exited or r.done or not r.ready or r.gil_stuck:
+                continue
+            silent = now - r.last_seen
+            if silent > limit + GIL_SILENCE:
+                r.gil_stuck = True
+                running = silent + (r.call_ago or 0.0)
+                r.error_cause = (f"was stuck: a call on one item ran for at least "
+                                 f"{running:.0f} s (item_timeout {limit:g} s) holding the GIL, "
+                                 f"so not even its stack could be read")
+                self.report(f"stage {r.stage!r} replica {r.name} {r.error_cause}; ending it")
+                self._end_stuck(r)
+
+    def _end_stuck(self, replica: ReplicaState) -> None:
+        """End a replica whose call is stuck (its own threads cannot); its end then goes
+        the usual way (restart, siblings, or failure)."""
+        if self.remote:
+            self._on_exit(replica, None)  # cannot be killed from here: taken for lost
+        else:
+            self.workers.kill([replica.name])
+
     def _check_remote(self, now: float) -> None:
         for r in self.replicas.values():
+            # Its connection says whether it lives (liveness.py); its silence alone
+            # (a call that holds the GIL) is only said, once, unless it is stopping.
             if r.hello and not r.exited and now - r.last_seen > HEARTBEAT_TIMEOUT:
                 if self.aborting_since is not None or self.killed:
                     r.exited = True
-                else:
-                    self._on_exit(r, None)
+                elif not r.silent:
+                    r.silent = True
+                    self.report(f"replica {r.name} has sent no heartbeat for "
+                                f"{HEARTBEAT_TIMEOUT:g} s, though ZeroMQ still hears it "
+                                f"(inside a call that holds the GIL?)")
         if self.aborting_since is not None and now - self.aborting_since > ABORT_WAIT:
             for r in self.replicas.values():
                 r.exited = True  # told to abort; nothing more can be done from here
@@ -624,6 +733,16 @@ class Supervisor:
         self.killed = True
         self.killed_since = time.monotonic()
         self.workers.kill(self._alive())
+
+
+def process_state(pid: int | None) -> str | None:
+    """"SIGSTOP" style words for a stopped process (state T or t in /proc), else None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError, TypeError):
+        return None
+    return {b"T": "SIGSTOP", b"t": "stopped by a debugger"}.get(state)
 
 
 def describe_status(status: int) -> str:

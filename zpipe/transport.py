@@ -13,6 +13,7 @@ from typing import Callable
 
 import zmq
 
+from . import liveness
 from .security import Curve
 
 # Nothing may hang at exit: a socket drops what it could not deliver after
@@ -135,7 +136,9 @@ def dealer(ctx: zmq.Context, address: str, identity: str,
 
 
 def router(ctx: zmq.Context, address: str, curve: Curve | None = None) -> zmq.Socket:
+    """The supervisor's control socket, with ZMTP heartbeats (liveness.py)."""
     sock = _socket(ctx, zmq.ROUTER)
+    liveness.configure(sock)
     if curve is not None:
         curve.server(ctx, sock)
     # A ROUTER never drops what it receives at the HWM (it stops reading that
