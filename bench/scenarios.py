@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import random
+import re
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -87,6 +92,18 @@ def stage_pids(launcher: int) -> dict[str, int]:
     return found
 
 
+def replica_pids(launcher: int) -> dict[str, int]:
+    """Replica name (NAME-I) -> pid of each `zpipe stage --replica I -- FILE NAME` process."""
+    found = {}
+    for pid in descendants(launcher):
+        argv = cmdline(pid)
+        if "stage" in argv and "--replica" in argv and "--" in argv and \
+                argv.index("--") + 2 < len(argv) and argv.index("--replica") + 1 < len(argv):
+            name = argv[argv.index("--") + 2]
+            found[f"{name}-{argv[argv.index('--replica') + 1]}"] = pid
+    return found
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -94,12 +111,23 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- the scenarios ------------------------------------------------------------
 
-def small(count: int) -> dict:
+# restart = "on-failure", with room for a kill every 2 s: a replica's deaths past
+# max_restarts within restart_window would fail the run as flapping.
+RESTART = {"restart": "on-failure", "max_restarts": 1000, "restart_window": 60}
+
+
+def small_stages(count: int, restart: bool = False) -> list[dict]:
+    """The small scenario's 4 stages. ``restart``: restart = "on-failure" on every stage
+    after the source, so that every link is leased (acknowledgements, kept messages)."""
+    again = RESTART if restart else {}
+    return [stage("source", "small_source", params={"count": count}),
+            stage("relay1", "relay", **again), stage("relay2", "relay", **again),
+            stage("sink", "rate_sink", stream=True, **again)]
+
+
+def small(count: int, restart: bool = False) -> dict:
     """4 stages (source -> relay -> relay -> sink), ~100-byte dicts, hwm 1000."""
-    result, _ = run_to_end("small", [
-        stage("source", "small_source", params={"count": count}),
-        stage("relay1", "relay"), stage("relay2", "relay"),
-        stage("sink", "rate_sink", stream=True)], hwm=1000, expect=count)
+    result, _ = run_to_end("small", small_stages(count, restart), hwm=1000, expect=count)
     return result
 
 
@@ -201,3 +229,87 @@ def backpressure_rss(count: int, nbytes: int, delay: float, hwm: int) -> dict:
                                + child.tail(30))
     return {"start_mb": samples[0], "max_mb": max(samples), "end_mb": samples[-1],
             "samples_mb": samples}
+
+
+# -- the soak: replicas killed while a long stream goes through -----------------
+
+AGAIN_RE = re.compile(r"stage '([^']+)': (\d+) restart\(s\); (\d+) item\(s\) sent to it again")
+RESTARTING_RE = re.compile(r"restarting replica (\S+) in ([0-9.]+) s: it (.*)")
+# What a launcher says in a run whose replicas are killed and restarted, as it should.
+EXPECTED_RE = re.compile(r"zpipe: (.*(replicas ready in|: ok after|finished: \d+ in)|"
+                         r"restarting replica |replica \S+ is back \(life|stage '[^']+': \d+ "
+                         r"restart\(s\))")
+
+
+def soak(count: int, replicas: int, kill_every: float, max_kills: int | None,
+         min_seconds: float, timeout: float, sample_every: float = 0.25,
+         seed: int = 6) -> dict:
+    """source -> relay1 (``replicas``, restart) -> relay2 (restart) -> id_sink, the
+    source spread over at least ``min_seconds``; every ``kill_every`` s a relay replica
+    chosen at random is SIGKILLed (at most ``max_kills``), and the VmRSS of the
+    launcher and of every replica is sampled every ``sample_every`` s. The choice is
+    seeded (the same sequence of choices every run; seed 6 has the quick run's three
+    kills hit both relays). Kills stop once the source has finished (the drain is
+    left alone: every replica killed had work to do, and must be restarted) or the
+    launcher says anything a run with restarts does not (a failure)."""
+    rng = random.Random(seed)
+    relays = ("relay1", "relay2")
+    samples: list[dict] = []
+    kills: list[dict] = []
+    with launched("soak", [
+            stage("source", "paced_source", params={"count": count, "seconds": min_seconds}),
+            stage("relay1", "relay", replicas=replicas, **RESTART),
+            stage("relay2", "relay", **RESTART),
+            stage("sink", "id_sink", params={"count": count}, stream=True)], hwm=1000) as child:
+        child.wait_line('"event": "start"', timeout=60)
+        start = time.monotonic()
+        next_kill = start + kill_every
+        killing, looked = True, 0
+        while child.popen.poll() is None:
+            lines = child.lines[looked:]
+            looked += len(lines)
+            if any(line.startswith("zpipe: stage 'source' finished") or
+                   (line.startswith("zpipe: ") and not EXPECTED_RE.search(line))
+                   for line in lines):
+                killing = False
+            now = time.monotonic()
+            if now - start > timeout:
+                raise TimeoutError(f"soak: still running after {timeout:g} s, {len(kills)} "
+                                   f"kill(s):\n{child.tail(30)}")
+            pids = replica_pids(child.pid)
+            rss = {name: mb for name, pid in pids.items() if (mb := rss_mb(pid)) is not None}
+            samples.append({"t": now - start, "launcher_mb": rss_mb(child.pid), "replicas_mb": rss})
+            if killing and now >= next_kill and (max_kills is None or len(kills) < max_kills):
+                targets = sorted(name for name in pids if name.rsplit("-", 1)[0] in relays)
+                if targets:  # else every one is being started again: try at the next look
+                    name = rng.choice(targets)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pids[name], signal.SIGKILL)
+                        kills.append({"t": now - start, "replica": name, "pid": pids[name]})
+                        next_kill = now + kill_every
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.popen.wait(sample_every)
+        status = child.wait(10)
+        output = list(child.lines)
+        try:
+            result = child.result()
+        except RuntimeError:  # the sink did not get to say (a failed run)
+            result = {"count": None}
+    again = {m[1]: {"restarts": int(m[2]), "redelivered": int(m[3])}
+             for line in output if (m := AGAIN_RE.search(line))}
+    restarting = [m.groups() for line in output if (m := RESTARTING_RE.search(line))]
+    # Anything else the launcher said (zpipe's own lines, and replicas' lines that
+    # are not the sink's figures): what a clean run with restarts does not print.
+    notes = [line for line in output
+             if not EXPECTED_RE.search(line) and "BENCH " not in line]
+    # Why a failed run failed: the launcher's first line after the replicas started
+    # that is neither a restart nor a stage's own output.
+    failure = next((line for line in notes if line.startswith("zpipe: ")), None) \
+        if status != 0 else None
+    return {**result, "status": status, "failure": failure, "output": output,
+            "kills": kills, "samples": samples,
+            "per_stage": again, "restarts": sum(v["restarts"] for v in again.values()),
+            "redelivered": sum(v["redelivered"] for v in again.values()),
+            "restarting_lines": len(restarting),
+            "restart_delays": [float(d) for _, d, _ in restarting],
+            "notes": notes, "seconds_total": (child.ended or time.time()) - child.started}

@@ -50,6 +50,19 @@ def latency_source(count, pause):
         time.sleep(pause)
 
 
+def paced_source(count, seconds):
+    """small_source spread over at least ``seconds`` (a soak lasts that long however
+    fast the pipeline is); reports when it starts."""
+    report(event="start", t=time.time())
+    start = time.monotonic()
+    for i in range(count):
+        if i % 1000 == 0:
+            ahead = start + seconds * i / count - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        yield small_item(i)
+
+
 def idle_source(wait, count):
     report(event="idle", t=time.time())
     time.sleep(wait)
@@ -118,6 +131,47 @@ def rate_sink(items: Iterable):
            first_wall=first_wall,
            last_wall=first_wall + seconds if count else None,
            writable=writable)
+
+
+def id_sink(items: Iterable, count):
+    """How often each id in range(count) arrived: every id at least once, and the
+    duplicates (arrivals beyond the first); items/s from the first to the last item.
+    It reports even when the run is stopped under it (``ended`` false then)."""
+    clock = time.perf_counter
+    copies = bytearray(count)  # per id, saturating at 255
+    received = unexpected = 0
+    first = last = None
+    ended = False
+    try:
+        for item in items:
+            last = clock()
+            if first is None:
+                first = last
+            received += 1
+            i = item["id"]
+            if type(i) is int and 0 <= i < count:
+                if copies[i] < 255:
+                    copies[i] += 1
+            else:
+                unexpected += 1
+        ended = True
+    finally:
+        _report_ids(copies, count, received, unexpected, first, last, ended)
+
+
+def _report_ids(copies, count, received, unexpected, first, last, ended):
+    missing = copies.count(0)
+    first_missing, at = [], copies.find(0)
+    while at >= 0 and len(first_missing) < 10:
+        first_missing.append(at)
+        at = copies.find(0, at + 1)
+    distinct = count - missing
+    seconds = (last - first) if received else 0.0
+    report(count=received, distinct=distinct, duplicates=received - unexpected - distinct,
+           missing=missing, first_missing=first_missing, unexpected=unexpected,
+           max_copies=max(copies) if count else 0,
+           twice_or_more=count - missing - copies.count(1), seconds=seconds,
+           rate=(received - 1) / seconds if seconds > 0 else None, ended=ended)
 
 
 def latency_sink(items: Iterable, warmup):

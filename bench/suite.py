@@ -18,12 +18,18 @@ SIZES = {
     "full": dict(small=200_000, small_process=20_000, small_thread=100_000,
                  arrays=100, arrays_mnp=50, arrays_shm=40,
                  latency=1000, startup_runs=3, replicas=1000, idle_wait=2.0,
-                 pressure_items=300, repeat=5),
+                 pressure_items=300, repeat=5,
+                 soak=1_000_000, soak_kills=None, soak_seconds=60.0, soak_timeout=600.0),
     "quick": dict(small=20_000, small_process=2_000, small_thread=10_000,
                   arrays=20, arrays_mnp=10, arrays_shm=10,
                   latency=200, startup_runs=1, replicas=200, idle_wait=1.0,
-                  pressure_items=60, repeat=1),
+                  pressure_items=60, repeat=1,
+                  soak=50_000, soak_kills=3, soak_seconds=7.0, soak_timeout=120.0),
 }
+# The soak: soak items; soak_kills (None: every SOAK_KILL_EVERY s while the source
+# sends); the source's shortest duration; the run's timeout.
+SOAK_KILL_EVERY = 2.0
+SOAK_REPLICAS = 3
 PAUSE = 0.002   # seconds between items in the latency scenario
 WARMUP = 20     # first latency samples left out
 
@@ -195,8 +201,99 @@ def memory(n: dict) -> list[Row]:
     return rows
 
 
+def delivery(n: dict) -> list[Row]:
+    count = n["small"]
+    step(f"delivery: the small scenario's chain, raw pyzmq, zpipe with restart off and with "
+         f"restart = \"on-failure\" on every stage after the source in turns, {count:,} items")
+    reference, off, on = interleaved(
+        n, lambda: raw.chain("small", count, relays=2)["rate"],
+        lambda: scenarios.small(count)["rate"],
+        lambda: scenarios.small(count, restart=True)["rate"])
+    paired = statistics.median(b / a for a, b in zip(off.runs, on.runs))
+    return [versus("small msgs, restart on vs off (4 stages)", on, off, rate,
+                   "(zpipe, restart off)", ">=", 0.9),
+            Row("same, median of the ratios run by run", "-", ratio=f"{paired:.2f}x",
+                data={"ratio": paired, "runs": [b / a for a, b in zip(off.runs, on.runs)]}),
+            versus("same, restart off vs raw pyzmq", off, reference, rate, "(raw pyzmq)"),
+            Row("restart off changes nothing", "no lease: PUSH/PULL, no acks",
+                "the pipeline of \"small msgs\"",
+                data={"stages_off": scenarios.small_stages(count),
+                      "stages_on": scenarios.small_stages(count, restart=True)})]
+
+
+def _halves(values: list[float]) -> tuple[float, float]:
+    """The maximum in the first half of the samples and in the second."""
+    half = len(values) // 2
+    return max(values[:half]), max(values[half:])
+
+
+def soak(n: dict) -> list[Row]:
+    count, kills = n["soak"], n["soak_kills"]
+    how_long = "while the source sends" if kills is None else f"at most {kills} times"
+    step(f"soak: {count:,} items through source -> relay1 (replicas={SOAK_REPLICAS}) -> relay2 "
+         f"-> sink, restart = \"on-failure\" on both relays, a relay replica SIGKILLed every "
+         f"{SOAK_KILL_EVERY:g} s ({how_long}), the source spread over at least "
+         f"{n['soak_seconds']:g} s")
+    result = scenarios.soak(count, SOAK_REPLICAS, SOAK_KILL_EVERY, kills, n["soak_seconds"],
+                            n["soak_timeout"])
+    samples = result.pop("samples")
+    done = len(result["kills"])
+    step(f"soak: zpipe launch exited {result['status']} after {done} kill(s) "
+         f"({', '.join(k['replica'] for k in result['kills'])})")
+    for note in result["notes"][:10]:
+        step(f"soak: the launcher said: {note}")
+    if len(result["notes"]) > 10:
+        step(f"soak: ... and {len(result['notes']) - 10} more line(s) (--json keeps them)")
+    heard = result["count"] is not None  # the sink's figures (it reports even when stopped)
+    failed_run = result["status"] != 0
+    where = f"{done} kill(s)"
+    if failed_run:
+        why = (result["failure"] or f"exit {result['status']}").removeprefix("zpipe: ")
+        where += f"; the run failed: {why.split(';')[0]}"
+    elif heard:
+        where += f", {result['seconds']:.1f} s, {rate(result['rate'] or 0)}"
+    complete = heard and not failed_run and result["missing"] == 0 and not result["unexpected"]
+    rows = [Row("soak: ids at the sink, each at least once",
+                f"{result['distinct']:,} of {count:,}" if heard else "no figures from the sink",
+                where, target="all", result="PASS" if complete else "FAIL",
+                data={k: v for k, v in result.items() if k != "output"})]
+    dup, again = (result["duplicates"] if heard else None), result["redelivered"]
+    rows.append(Row("soak: duplicates at the sink vs sent again",
+                    f"{dup:,} duplicates" if heard else "-",
+                    f"{again:,} item(s) sent again (zpipe's count)",
+                    f"{dup / again:.2f}" if heard and again else "-", "<= sent again",
+                    "PASS" if heard and dup <= again else "FAIL",
+                    {"duplicates": dup, "redelivered": again, "per_stage": result["per_stage"]}))
+    restarts = result["restarts"]
+    rows.append(Row("soak: restarts reported vs kills", f"{restarts} restart(s)",
+                    f"{done} kill(s)", target="= kills",
+                    result="PASS" if restarts == done and done > 0 else "FAIL",
+                    data={"restarts": restarts, "kills": result["kills"],
+                          "restart_delays": result["restart_delays"]}))
+    # Flat, not leaking: the second half of the run climbs no higher than the first
+    # (+10 %). Killed replicas start afresh; the source, the sink and the launcher never do.
+    totals = [sum(s["replicas_mb"].values()) for s in samples]
+    if len(totals) >= 2:
+        first, second = _halves(totals)
+        rows.append(Row("soak: RSS of every replica (sum), 2nd half", f"max {megabytes(second)}",
+                        f"max {megabytes(first)} (1st half)",
+                        f"{(second / first - 1) * 100:+.1f} %", "<= +10 %",
+                        "PASS" if second <= first * 1.10 else "FAIL",
+                        {"first_half_mb": first, "second_half_mb": second, "samples": samples}))
+    for label, values in (("source", [s["replicas_mb"].get("source-0") for s in samples]),
+                          ("sink", [s["replicas_mb"].get("sink-0") for s in samples]),
+                          ("launcher", [s["launcher_mb"] for s in samples])):
+        values = [v for v in values if v is not None]
+        if len(values) >= 2:
+            first, second = _halves(values)
+            rows.append(Row(f"same, the {label} alone (never killed)", f"max {megabytes(second)}",
+                            f"max {megabytes(first)} (1st half)", f"{second - first:+.1f} MB",
+                            data={"first_half_mb": first, "second_half_mb": second}))
+    return rows
+
+
 SCENARIOS = {"small": small, "arrays": arrays, "latency": latency, "startup": startup,
-             "replicas": replicas, "memory": memory}
+             "replicas": replicas, "memory": memory, "delivery": delivery, "soak": soak}
 
 
 def run(names: list[str], quick: bool, repeat: int | None = None) -> list[Row]:
