@@ -10,9 +10,10 @@ from zpipe.delivery import Lots, Outstanding, lease_frame, read_lease
 
 
 def test_lease_frames_round_trip_and_garbage_is_a_decode_error():
-    assert read_lease(lease_frame(7, 2)) == (7, 2)
+    assert read_lease(lease_frame(7, 2)) == (7, 2, 0)
+    assert read_lease(lease_frame(7, 2, 1)) == (7, 2, 1)  # sent once before
     for junk in (b"", b"\xc1", msgpack.packb(7), msgpack.packb([1]), msgpack.packb([-1, 0]),
-                 msgpack.packb(["a", 0]), msgpack.packb([1, 2, 3])):
+                 msgpack.packb(["a", 0]), msgpack.packb([1, 2, 3, 4]), msgpack.packb([1, 2, -1])):
         with pytest.raises(DecodeError):
             read_lease(junk)
 

@@ -37,6 +37,11 @@ def raise_once(x, at):
 def die_at_once(x):
     os._exit(3)
 
+def die_on(x, bad):
+    if x == bad:
+        os._exit(9)  # a poison item: it ends whichever replica takes it
+    return x
+
 def record(x, path):
     with open(path, "a") as f:
         f.write(f"{x}\\n")
@@ -112,6 +117,30 @@ def test_a_replica_that_dies_every_time_is_flapping(project):
     assert "restarting replica relay-0 in 0.2 s" in result.stderr  # the backoff doubles
     assert "stage 'relay' replica relay-0 is flapping: it died 3 times within 60 s " \
            "(max_restarts = 2); the last time it exited with status 3" in result.stderr
+
+
+def test_an_item_that_kills_its_replica_goes_to_dead_letters_not_round_and_round(project):
+    """With on_error = "dead-letter", an item that ends its replica each time (a
+    crash, not an exception) is found by working through what was sent again
+    item by item, and then dead-lettered: the run goes on."""
+    import json
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 1000 }',
+        'name = "relay"\nrun = "stages:die_on"\nparams = { bad = 300 }\n'
+        'restart = "on-failure"\non_error = "dead-letter"',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.txt" }'), STAGES)
+    result = project.launch(timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("restarting replica relay-0") == 2
+    assert re.search(r"stage 'relay': item \d+ of message \d+ from source-0#0 it ended replica "
+                     r"relay-0 twice \(the last time it exited with status 9\): it will be "
+                     r"dead-lettered", result.stderr), result.stderr
+    assert sorted(set(lines(project))) == [x for x in range(1000) if x != 300]
+    listing = project.run("dead-letters", "dead-letters")
+    assert listing.returncode == 0 and "zpipe.PoisonItem" in listing.stdout, listing.stdout
+    shown = project.run("dead-letters", "dead-letters", "--show", "1")
+    assert "300" in shown.stdout, shown.stdout
+    assert json  # (the item is in the file, readable as the listing shows)
 
 
 def test_siblings_take_over_a_lost_replica_s_work(project):

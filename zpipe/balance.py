@@ -135,13 +135,14 @@ class Dispatcher:
                 replica = self._choose()
                 if replica is None:
                     return False
-            if not self._transmit(replica, seq, out.unacked[seq][1]):
+            entry = out.unacked[seq]
+            if not self._transmit(replica, seq, entry[1], entry[3]):
                 continue
             out.resend.popleft()
             out.resent(seq, replica)
         return True
 
-    def _transmit(self, replica: int, seq: int, frames: list[Any]) -> bool:
+    def _transmit(self, replica: int, seq: int, frames: list[Any], attempt: int = 0) -> bool:
         """Send one message to ``replica``; False if it could not take it (then it
         has no credits left: the caller chooses again)."""
         sock = self.sock
@@ -162,7 +163,8 @@ class Dispatcher:
             self.credits[replica] = 0
             return False
         self.credits[replica] -= 1
-        send_frame(sock, lease_frame(seq, self.outstanding.generation[replica]), _MORE_NOBLOCK)
+        send_frame(sock, lease_frame(seq, self.outstanding.generation[replica], attempt),
+                   _MORE_NOBLOCK)
         if len(frames) == 1:
             send_frame(sock, frames[0], NOBLOCK)
         else:

@@ -14,6 +14,7 @@ from .transport import NOBLOCK, POLLIN
 log = logging.getLogger("zpipe")
 
 CONTROL_CHECK = 0.02  # while busy, look for commands (ABORT, STOP) this often
+NOTED_TIMEOUT = 5.0   # at most this long for the supervisor to note an ATTEMPT
 
 
 # Both are BaseExceptions, like GeneratorExit: they pass through user code
@@ -36,6 +37,9 @@ class Control:
         self.stopped = False
         self.exit = False
         self.generation: int | None = None  # from WELCOME
+        # Items that ended a replica while worked on: (sender, seq, index) -> why.
+        self.poison: dict[tuple[bytes, int, int], str] = {}
+        self.noted: list[Any] | None = None  # the last ATTEMPT the supervisor has
         self.next_check = 0.0
         self.poll_items = [(sock, POLLIN)]
         # LOST and REJOINED go to the outbox's dispatcher (a leased output);
@@ -82,8 +86,27 @@ class Control:
                 raise Aborted(fields.get("reason", "aborted"))
             elif kind == protocol.WELCOME:
                 self.generation = fields.get("generation", 0)
+                self._poisoned(fields.get("poison", []))
+            elif kind == protocol.POISON:
+                self._poisoned(fields.get("keys", []))
+            elif kind == protocol.NOTED:
+                self.noted = fields.get("key")
             elif kind in (protocol.LOST, protocol.REJOINED) and self.on_peer is not None:
                 self.on_peer(kind, fields.get("replica", -1), fields.get("generation", 0))
+
+    def attempt(self, key: list[Any] | None) -> None:
+        """Name the item (sent again) the replica starts on, or None once it is done;
+        before its call the supervisor must have it: if the call ends the process,
+        it is this item's fault (recovery.py)."""
+        self.send(protocol.ATTEMPT, key=key)
+        if key is not None:
+            self.wait_for(lambda: self.noted == key, NOTED_TIMEOUT)
+
+    def _poisoned(self, keys: list[Any]) -> None:
+        for key in keys:
+            if type(key) is list and len(key) == 4 and type(key[0]) is bytes and \
+                    type(key[1]) is int and type(key[2]) is int:
+                self.poison[(key[0], key[1], key[2])] = str(key[3])
 
     def wait_for(self, condition: Callable[[], bool], timeout: float | None = None) -> bool:
         """Handle commands until ``condition()`` holds; False on timeout."""

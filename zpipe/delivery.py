@@ -37,27 +37,37 @@ import msgpack
 from .codec import DecodeError
 
 
-def lease_frame(seq: int, generation: int) -> bytes:
-    return msgpack.packb([seq, generation])
+def lease_frame(seq: int, generation: int, attempt: int = 0) -> bytes:
+    return msgpack.packb([seq, generation, attempt] if attempt else [seq, generation])
 
 
-def read_lease(frame: bytes) -> tuple[int, int]:
-    """(seq, generation) of a lease frame; DecodeError for anything else."""
+def read_lease(frame: bytes) -> tuple[int, int, int]:
+    """(seq, generation, attempt) of a lease frame; DecodeError for anything else."""
     try:
         value = msgpack.unpackb(frame)
     except Exception as exc:  # noqa: BLE001 - any decoding failure
         raise DecodeError(f"not a lease: {type(exc).__name__}") from None
-    if type(value) is not list or len(value) != 2 or \
+    if type(value) is not list or not 2 <= len(value) <= 3 or \
             any(type(v) is not int or v < 0 for v in value):
-        raise DecodeError("not a lease: expected [seq, generation]")
-    return value[0], value[1]
+        raise DecodeError("not a lease: expected [seq, generation] or [seq, generation, attempt]")
+    return value[0], value[1], value[2] if len(value) == 3 else 0
+
+
+class Poisoned:
+    """An item that ended a replica while it was being worked on, after it was sent
+    again: the stage's on_error takes it instead of its call (itempolicy.py)."""
+
+    __slots__ = ("item", "cause")
+
+    def __init__(self, item: Any, cause: str):
+        self.item, self.cause = item, cause
 
 
 class Outstanding:
     """A sender's messages not yet acknowledged, per downstream replica (the sender's side)."""
 
     def __init__(self, replicas: int, cap: int):
-        self.unacked: dict[int, list[Any]] = {}  # seq -> [replica or None, frames, items]
+        self.unacked: dict[int, list[Any]] = {}  # seq -> [replica or None, frames, items, attempt]
         self.held = [0] * replicas               # unacknowledged messages per replica
         self.cap = cap                           # at most this many per replica (its hwm)
         self.generation = [0] * replicas         # what each replica's messages carry
@@ -72,7 +82,7 @@ class Outstanding:
         """A new message goes to ``replica``: its seq."""
         seq = self.next_seq
         self.next_seq += 1
-        self.unacked[seq] = [replica, frames, items]
+        self.unacked[seq] = [replica, frames, items, 0]
         self.held[replica] += 1
         return seq
 
@@ -96,6 +106,7 @@ class Outstanding:
         for seq, entry in self.unacked.items():
             if entry[0] == replica:
                 entry[0] = None
+                entry[3] += 1  # sent again: its receiver works through it carefully
                 self.resend.append(seq)
                 moved += entry[2]
         self.held[replica] = 0
@@ -117,10 +128,10 @@ class Outstanding:
 class Lot:
     """One message taken in on a leased link, until it is acknowledged."""
 
-    __slots__ = ("sender", "seq", "to_take", "left", "needs")
+    __slots__ = ("sender", "seq", "size", "to_take", "left", "needs", "attempt")
 
-    def __init__(self, sender: bytes, seq: int, items: int):
-        self.sender, self.seq = sender, seq
+    def __init__(self, sender: bytes, seq: int, items: int, attempt: int = 0):
+        self.sender, self.seq, self.size, self.attempt = sender, seq, items, attempt
         self.to_take = items   # items not yet handed to the stage
         self.left = items      # items not yet finished
         self.needs = -1        # outputs up to this seq must be acknowledged first
@@ -140,10 +151,12 @@ class Lots:
         self.outputs_acked_below: Callable[[], int] = lambda: 0
         self.stale = 0                                # messages meant for an earlier generation
 
-    def arrived(self, sender: bytes, seq: int, items: int, reordered: bool = False) -> Lot:
-        """A message of ``items`` entries came in. Its items are handed out in order
-        of arrival (take), or, ``reordered``, each with its lot (hold, done)."""
-        lot = Lot(sender, seq, items)
+    def arrived(self, sender: bytes, seq: int, items: int, reordered: bool = False,
+                attempt: int = 0) -> Lot:
+        """A message of ``items`` entries came in (``attempt``: how often it was sent
+        before). Its items are handed out in order of arrival (take), or,
+        ``reordered``, each with its lot (hold, done)."""
+        lot = Lot(sender, seq, items, attempt)
         self.finishing.append(lot)
         if not items:
             lot.needs = self.outputs_pending()  # nothing to finish (all dropped here)
@@ -152,13 +165,15 @@ class Lots:
             self.taking.append(lot)
         return lot
 
-    def take(self) -> None:
-        """The stage takes the next item, in order of arrival."""
+    def take(self) -> Lot:
+        """The stage takes the next item, in order of arrival: its lot (the item is
+        number ``lot.size - lot.to_take - 1`` in it)."""
         lot = self.taking[0]
         lot.to_take -= 1
         if not lot.to_take:
             self.taking.popleft()
         self.in_hand.append(lot)
+        return lot
 
     def hold(self, lot: Lot) -> None:
         """The stage takes an item of ``lot`` (released by the reordering)."""

@@ -14,7 +14,7 @@ import zmq
 
 from . import codec, protocol
 from .balance import Lender
-from .delivery import Lot, Lots, read_lease
+from .delivery import Lot, Lots, Poisoned, read_lease
 from .control import Control
 from .shapes import Inputs
 from .transport import NOBLOCK, POLLIN
@@ -42,7 +42,12 @@ class Inbox(Inputs):
         # for an earlier generation of this replica are dropped.
         self.lots = lots
         self.generation = 0
-        self.arrival: tuple[bytes, int] = (b"", 0)  # sender and seq of the last message
+        self.arrival: tuple[bytes, int, int] = (b"", 0, 0)  # sender, seq, attempt of the last
+        # A stage whose on_error takes failed items works through a message sent
+        # again item by item, naming each to the supervisor (recovery.py): one
+        # that ends the replica is then poisoned, and handed to on_error.
+        self.careful: Callable[[list[Any] | None], None] | None = None
+        self.poison: dict[tuple[bytes, int, int], str] = control.poison
         self.batch_limit = batch_limit
         self.control = control
         self.stage = stage
@@ -109,9 +114,22 @@ class Inbox(Inputs):
             item = self.last_item = buffer.popleft()
             if owners:
                 lots.hold(owners.popleft())
+                yield item
+                lots.finish()
+                continue
+            lot = lots.take()
+            if not lot.attempt or self.careful is None:
+                yield item
+                lots.finish()
+                continue
+            key = (lot.sender, lot.seq, lot.size - lot.to_take - 1)
+            cause = self.poison.get(key)
+            if cause is not None:
+                yield Poisoned(item, cause)
             else:
-                lots.take()
-            yield item
+                self.careful([*key])
+                yield item
+                self.careful(None)
             lots.finish()
 
     def batches(self) -> Any:
@@ -156,7 +174,7 @@ class Inbox(Inputs):
                 self._malformed(str(exc))
                 if self.lots is not None:
                     # A sender that leased it waits for it: nothing to do, done.
-                    sender, seq = self.arrival
+                    sender, seq, _ = self.arrival
                     self.lots.arrived(sender, seq, 0)
         self.received += len(items)
         if self.lots is not None:
@@ -179,9 +197,9 @@ class Inbox(Inputs):
         """A message on a leased link: its items, and its lot to acknowledge once done."""
         lots = self.lots
         assert lots is not None
-        sender, seq = self.arrival
+        sender, seq, attempt = self.arrival
         if self.reorder is None:
-            lots.arrived(sender, seq, len(items))
+            lots.arrived(sender, seq, len(items), attempt=attempt)
             self.buffer.extend(items)
             if tags is not None:
                 self.seqs.extend(tag[0] for tag in tags)
@@ -260,7 +278,7 @@ class Inbox(Inputs):
             return None
         sender = frames[0].bytes
         try:
-            seq, generation = read_lease(frames[1].bytes)
+            seq, generation, attempt = read_lease(frames[1].bytes)
         except codec.DecodeError as exc:
             self._malformed(str(exc))
             return None
@@ -269,7 +287,7 @@ class Inbox(Inputs):
             return None
         # This replica starts on the message now, which frees a credit.
         lender.took(sender, wanted_at)
-        self.arrival = (sender, seq)
+        self.arrival = (sender, seq, attempt)
         return frames[2:]
 
     def _malformed(self, why: str) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import deadletters, failures, protocol
+from .delivery import Poisoned
 from .failures import Failure
 from .stuck import CallWatch, StuckCall, stuck_message
 
@@ -86,7 +87,10 @@ class ItemErrors:
             self.watch.thread = threading.get_ident()
         call = self._call
         for item in items:
-            if flat:
+            if type(item) is Poisoned:  # it ended a replica before (recovery.py)
+                self.failed(item.item, None, {"exc_type": "zpipe.PoisonItem",
+                                              "message": item.cause, "traceback": None})
+            elif flat:
                 self._flat(item, process, send)
             else:
                 out = call(process, item, item)

@@ -20,6 +20,7 @@ RECEIVED = "received"    # received: items received so far (sent when idle while
 ERROR = "error"          # exc_type, message, traceback, item_type, phase
 DONE = "done"            # received, sent: input ended, outputs handed on, teardown done
 ABORTED = "aborted"      # counts, pending, unsent: what it held when ABORT came (see losses.py)
+ATTEMPT = "attempt"      # key: the item sent again now worked on, or None (recovery.py)
 HEARTBEAT = "heartbeat"  # received, sent, call_started_ago
 ITEM_ERROR = "item_error"  # exc_type, message, traceback, item_type, action, count: an item
                            # skipped or dead-lettered (on_error, itempolicy.py)
@@ -36,6 +37,8 @@ ABORT = "abort"          # reason: stop at once (a failure elsewhere, or an inte
 PING = "ping"            # the supervisor is alive (to heartbeat sockets)
 LOST = "lost"            # replica, generation: a replica of the next stage is gone (delivery.py)
 REJOINED = "rejoined"    # replica, generation: ... and it is back, as that generation
+POISON = "poison"        # keys: items that ended a replica, to skip or dead-letter (recovery.py)
+NOTED = "noted"          # key: the answer to ATTEMPT (the replica waits for it before the call)
 
 
 _COUNTS = {"received": int, "sent": int, "markers_received": int, "markers_sent": int,
@@ -59,7 +62,7 @@ FIELDS: dict[str, dict[str, Any]] = {
                  "action": str, "count": int},
     STUCK: {"item_type": _TEXT, "seconds": (float, int), "stack": str, "action": str,
             "limit": (float, int)},
-    WELCOME: {"generation": int},
+    WELCOME: {"generation": int, "poison": list},
     START: {},
     DRAIN: {"expected": int},
     STOP: {},
@@ -67,6 +70,9 @@ FIELDS: dict[str, dict[str, Any]] = {
     ABORT: {"reason": str},
     PING: {},
     LOST: {"replica": int, "generation": int},
+    POISON: {"keys": list},
+    NOTED: {"key": (list, type(None))},
+    ATTEMPT: {"key": (list, type(None))},
     REJOINED: {"replica": int, "generation": int},
 }
 

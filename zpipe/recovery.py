@@ -41,6 +41,9 @@ class Recovery:
         self.awaited: dict[str, float] = {}   # name -> by when it must say HELLO again
         self.rejoining: set[str] = set()      # started again, not READY yet
         self.restarts: dict[str, int] = {stage.name: 0 for stage in spec.stages}
+        # Per stage, items that ended a replica while worked on after being sent
+        # again: [sender, seq, index, why]; its replicas hand them to on_error.
+        self.poison: dict[str, list[list[object]]] = {stage.name: [] for stage in spec.stages}
 
     def replaceable(self, replica: ReplicaState) -> bool:
         """Whether this replica's end need not fail the run."""
@@ -60,6 +63,8 @@ class Recovery:
         if not self.replaceable(replica):
             return False
         stage = sup.spec.stage(replica.stage)
+        if replica.attempting is not None:
+            self._poison(replica, cause)
         if stage.restart != "on-failure":
             replica.gone = True
             alive = sum(not (r.exited or r.gone) for r in sup._stage_of(replica).replicas)
@@ -134,6 +139,23 @@ class Recovery:
                 sup._send(replica, protocol.STOP)
         elif stage.status == "stopping":
             sup._send(replica, protocol.STOP)
+
+    def _poison(self, replica: ReplicaState, cause: str) -> None:
+        """The item its replica was working on, sent again after an earlier death, ended
+        it again: from now on the stage's on_error takes it instead of its call."""
+        sup = self.supervisor
+        sender, seq, index = replica.attempting  # type: ignore[misc]
+        why = f"it ended replica {replica.name} twice (the last time it {cause})"[:300]
+        key = [sender, seq, index, why]
+        self.poison[replica.stage].append(key)
+        action = {"skip": "skipped", "dead-letter": "dead-lettered"}.get(
+            sup.spec.stage(replica.stage).on_error, "skipped")
+        sup.report(f"stage {replica.stage!r}: item {index} of message {seq} from "
+                   f"{sender.decode(errors='replace')} {why}: it will be {action}")
+        for r in sup._stage_of(replica).replicas:
+            if r is not replica:
+                sup._send(r, protocol.POISON, keys=[key])
+        replica.attempting = None
 
     def _tell_senders(self, replica: ReplicaState, kind: str, generation: int) -> None:
         """LOST or REJOINED, to the replicas of the stage before (on a leased link)."""

@@ -217,14 +217,19 @@ class Replica:
                                    balance.Lender(pull, wiring.input_hwm) if leased else None,
                                    lots)
                 self.inbox.generation = control.generation
+                policy = self.callee.policy
+                if leased and policy is not None and policy.on_error != "fail":
+                    self.inbox.careful = control.attempt
                 if wiring.reorder:
                     self.inbox.reorder = Reorder()
             push = dispatcher = None
             downstream = wiring.downstream
             if downstream:
+                # Known downstream by name and life: a poisoned item is named by it.
                 push = transport.push(self.ctx, downstream, wiring.downstream_hwm,
                                       control.handle, wiring.connect_timeout, curve,
-                                      wiring.output_leased)
+                                      wiring.output_leased,
+                                      f"{self.name}#{control.generation}".encode())
                 sockets.append(push)
                 if wiring.output_leased:
                     dispatcher = balance.Dispatcher(push, downstream, wiring.downstream_hwm)

@@ -90,6 +90,7 @@ class ReplicaState:
     last_seen: float = 0.0
     silent: bool = False  # its heartbeats stopped (and that was said)
     gil_stuck: bool = False  # a call of it past item_timeout holds the GIL (and was ended)
+    attempting: list[Any] | None = None  # the item sent again it works on (recovery.py)
     call_ago: float | None = None  # its last heartbeat: seconds in the call on one item
     redelivered: int = 0  # items it sent again after a replica downstream was lost
     unacked: int = 0      # items it had sent and not seen acknowledged (its last report)
@@ -120,7 +121,7 @@ class ReplicaState:
         self.pid, self.error_cause, self.reported = None, None, 0
         self.heartbeat, self.last_seen = (0, 0), time.monotonic()
         self.silent = self.gil_stuck = False
-        self.call_ago = None
+        self.call_ago = self.attempting = None
 
 
 @dataclass
@@ -207,7 +208,8 @@ class Supervisor:
             protocol.HELLO: self._on_hello, protocol.READY: self._on_ready,
             protocol.RECEIVED: self._on_received, protocol.DONE: self._on_done,
             protocol.ERROR: self._on_error, protocol.ABORTED: self._on_aborted,
-            protocol.ITEM_ERROR: self._on_item_error, protocol.STUCK: self._on_stuck}
+            protocol.ITEM_ERROR: self._on_item_error, protocol.STUCK: self._on_stuck,
+            protocol.ATTEMPT: self._on_attempt}
         # Items skipped or dead-lettered, per stage (on_error, itempolicy.py).
         self.tally = Tally({s.name: s.max_errors for s in spec.stages},
                            {s.name: (spec.dead_letters / f"{s.name}.msgpack")
@@ -396,7 +398,8 @@ class Supervisor:
         if self.remote and not coming_back:
             self.report(f"replica {replica.name} joined from {fields.get('host')} "
                         f"(pid {replica.pid})")
-        self._send(replica, protocol.WELCOME, generation=replica.generation)
+        self._send(replica, protocol.WELCOME, generation=replica.generation,
+                   poison=self.recovery.poison[replica.stage])
         if self.aborting_since is not None:
             self._send(replica, protocol.ABORT, reason="the pipeline is stopping")
 
@@ -509,6 +512,13 @@ class Supervisor:
             return
         replica.failed = True
         self._fail(failure)
+
+    def _on_attempt(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
+        key = fields.get("key")
+        replica.attempting = key if isinstance(key, list) and len(key) == 3 and \
+            isinstance(key[0], bytes) else None
+        if replica.attempting is not None:
+            self._send(replica, protocol.NOTED, key=key)
 
     def _on_aborted(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         self._take_counts(replica, fields)

@@ -78,9 +78,10 @@ def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None,
 
 def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
          on_idle: Callable[[], None], timeout: float, curve: Curve | None = None,
-         balanced: bool = False) -> zmq.Socket:
+         balanced: bool = False, identity: bytes | None = None) -> zmq.Socket:
     """A stage replica's output, connected to every replica of the next stage:
-    PUSH, or if ``balanced`` a ROUTER that names each connection ``peer_id(replica)``.
+    PUSH, or if ``balanced`` a ROUTER that names each connection ``peer_id(replica)``
+    and is known to them as ``identity`` (one per life of the sender).
 
     Returns only once a handshake with each of them has completed: this is what
     avoids the slow-joiner burst (a source starts only once every replica
@@ -91,6 +92,8 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
     if balanced:
         # At the HWM a ROUTER drops what it is given; this makes it say Again instead.
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if identity is not None:
+            sock.setsockopt(zmq.ROUTING_ID, identity)
     if curve is not None:
         curve.client(sock)
     # The monitor must watch before the first connect, or a fast handshake
