@@ -19,12 +19,12 @@ SIZES = {
                  arrays=100, arrays_mnp=50, arrays_shm=40,
                  latency=1000, startup_runs=3, replicas=1000, idle_wait=2.0,
                  pressure_items=300, repeat=5,
-                 soak=1_000_000, soak_kills=None, soak_seconds=60.0, soak_timeout=600.0),
+                 soak=1_000_000, soak_kills=None, soak_seconds=60.0, soak_timeout=300.0),
     "quick": dict(small=20_000, small_process=2_000, small_thread=10_000,
                   arrays=20, arrays_mnp=10, arrays_shm=10,
                   latency=200, startup_runs=1, replicas=200, idle_wait=1.0,
                   pressure_items=60, repeat=1,
-                  soak=50_000, soak_kills=3, soak_seconds=7.0, soak_timeout=120.0),
+                  soak=50_000, soak_kills=3, soak_seconds=7.0, soak_timeout=90.0),
 }
 # The soak: soak items; soak_kills (None: every SOAK_KILL_EVERY s while the source
 # sends); the source's shortest duration; the run's timeout.
@@ -245,7 +245,7 @@ def soak(n: dict) -> list[Row]:
     if len(result["notes"]) > 10:
         step(f"soak: ... and {len(result['notes']) - 10} more line(s) (--json keeps them)")
     heard = result["count"] is not None  # the sink's figures (it reports even when stopped)
-    failed_run = result["status"] != 0
+    failed_run = result["status"] != 0 or result["timed_out"]
     where = f"{done} kill(s)"
     if failed_run:
         why = (result["failure"] or f"exit {result['status']}").removeprefix("zpipe: ")

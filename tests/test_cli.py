@@ -109,7 +109,8 @@ def test_validate_prints_the_plan(project):
     assert "pipeline 't': 3 stages, 4 replica processes" in out
     assert re.search(r"square \(stage\): stages:square -> square \(plain function\), replicas 2",
                      out)
-    assert re.search(r"input hwm 7: ipc://\S+/1-0, ipc://\S+/1-1", out)
+    # square has 2 replicas: from its input on, links are at least once.
+    assert re.search(r"input hwm 7, at least once \(leased\): ipc://\S+/1-0, ipc://\S+/1-1", out)
     assert "sink (sink): stages:sink -> sink (plain function), replicas 1" in out
     assert not (project.root / "source-ran").exists()
 

@@ -48,10 +48,17 @@ def describe_plan(spec: PipelineSpec, callees: list[Callee], runtime_dir: str) -
              f"processes, supervisor at {addresses.control}"]
     for index, (stage, callee) in enumerate(zip(spec.stages, callees)):
         role = "source" if index == 0 else "sink" if index == len(spec.stages) - 1 else "stage"
+        traits = [f"replicas {stage.replicas}"] + (["ordered"] if stage.ordered else []) + \
+            ([f"restart on-failure (at most {stage.max_restarts} in {stage.restart_window:g} s)"]
+             if stage.restart == "on-failure" else []) + \
+            ([f"on_error {stage.on_error}"] if stage.on_error != "fail" else []) + \
+            ([f"item_timeout {stage.item_timeout:g} s"] if stage.item_timeout else [])
         lines.append(f"  {index + 1}. {stage.name} ({role}): {stage.run} -> {callee.describe()}, "
-                     f"replicas {stage.replicas}" + (", ordered" if stage.ordered else ""))
+                     + ", ".join(traits))
         if index > 0:
-            lines.append(f"     input hwm {stage.hwm}: {', '.join(addresses.inputs[stage.name])}")
+            delivery = ", at least once (leased)" if spec.leased(index) else ""
+            lines.append(f"     input hwm {stage.hwm}{delivery}: "
+                         f"{', '.join(addresses.inputs[stage.name])}")
         if stage.params:
             try:
                 params = repr(stage.params)
