@@ -270,23 +270,30 @@ def soak(n: dict) -> list[Row]:
                     result="PASS" if restarts == done and done > 0 else "FAIL",
                     data={"restarts": restarts, "kills": result["kills"],
                           "restart_delays": result["restart_delays"]}))
-    # Flat, not leaking: the second half of the run climbs no higher than the first
-    # (+10 %). Killed replicas start afresh; the source, the sink and the launcher never do.
-    totals = [sum(s["replicas_mb"].values()) for s in samples]
-    if len(totals) >= 2:
-        first, second = _halves(totals)
-        rows.append(Row("soak: RSS of every replica (sum), 2nd half", f"max {megabytes(second)}",
-                        f"max {megabytes(first)} (1st half)",
+    # Flat, not leaking: no replica's RSS climbs more than 10 % higher in the second
+    # half of the run than in the first. Per replica, not summed: a sum moves with how
+    # many relays are waiting out a backoff. Killed relays start afresh; the source,
+    # the sink and the launcher never do (shown on their own).
+    halves = {}
+    for name in sorted({name for s in samples for name in s["replicas_mb"]}):
+        values = [s["replicas_mb"][name] for s in samples if name in s["replicas_mb"]]
+        if len(values) >= 2:
+            halves[name] = _halves(values)
+    if halves:
+        worst = max(halves, key=lambda name: halves[name][1] / halves[name][0])
+        first, second = halves[worst]
+        rows.append(Row("soak: RSS per replica, 2nd half (worst)",
+                        f"max {megabytes(second)} ({worst})", f"max {megabytes(first)} (1st half)",
                         f"{(second / first - 1) * 100:+.1f} %", "<= +10 %",
-                        "PASS" if second <= first * 1.10 else "FAIL",
-                        {"first_half_mb": first, "second_half_mb": second, "samples": samples}))
+                        "PASS" if all(b <= a * 1.10 for a, b in halves.values()) else "FAIL",
+                        {"halves_mb": halves, "samples": samples}))
     for label, values in (("source", [s["replicas_mb"].get("source-0") for s in samples]),
                           ("sink", [s["replicas_mb"].get("sink-0") for s in samples]),
                           ("launcher", [s["launcher_mb"] for s in samples])):
         values = [v for v in values if v is not None]
         if len(values) >= 2:
             first, second = _halves(values)
-            rows.append(Row(f"same, the {label} alone (never killed)", f"max {megabytes(second)}",
+            rows.append(Row(f"same, the {label} (never killed)", f"max {megabytes(second)}",
                             f"max {megabytes(first)} (1st half)", f"{second - first:+.1f} MB",
                             data={"first_half_mb": first, "second_half_mb": second}))
     return rows

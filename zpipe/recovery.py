@@ -132,6 +132,8 @@ class Recovery:
         self._tell_senders(replica, protocol.REJOINED, replica.generation)
         stage = sup._stage_of(replica)
         sup.report(f"replica {replica.name} is back (life {replica.generation + 1})")
+        if not sup.running:
+            return  # the start, once every replica is ready, is for it too
         if stage is sup.stages[0]:
             if sup.interrupted is None:
                 sup._send(replica, protocol.START)  # a source starts over
