@@ -186,6 +186,13 @@ class Lots:
             lot.needs = self.outputs_pending()
             self.acknowledge()
 
+    def finished(self, lot: Lot) -> None:
+        """Every item of ``lot`` is finished (the stage took them in turn, and asks for
+        more after the last)."""
+        lot.left = 0
+        lot.needs = self.outputs_pending()
+        self.acknowledge()
+
     def finish(self) -> None:
         """The stage has finished every item it held (it asks for more, or has ended)."""
         hand = self.in_hand

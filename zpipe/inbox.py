@@ -105,6 +105,7 @@ class Inbox(Inputs):
         the one it held, which may let its message be acknowledged."""
         buffer, seqs, lots, owners = self.buffer, self.seqs, self.lots, self.owners
         assert lots is not None
+        taking = lots.taking
         while True:
             while not buffer:
                 if not self._fill(block=True):
@@ -117,11 +118,22 @@ class Inbox(Inputs):
                 yield item
                 lots.finish()
                 continue
-            lot = lots.take()
+            lot = taking[0]
+            lot.to_take -= 1
             if not lot.attempt or self.careful is None:
+                # Items come in order of arrival and are finished one after the
+                # other: a lot is finished once the stage asks for the item after
+                # its last one. Nothing to note per item on the way.
+                if lot.to_take:
+                    yield item
+                    continue
+                taking.popleft()
                 yield item
-                lots.finish()
+                lots.finished(lot)
                 continue
+            if not lot.to_take:
+                taking.popleft()
+            lots.in_hand.append(lot)
             key = (lot.sender, lot.seq, lot.size - lot.to_take - 1)
             cause = self.poison.get(key)
             if cause is not None:
@@ -325,12 +337,17 @@ class Inbox(Inputs):
             return False
         if self.woken_fd >= 0:
             self.on_wake()  # looked at: its ZMQ_FD then wakes for what comes next
+            # It sent acknowledgements on the input socket, which may have taken
+            # in the input's wake-up: look at the input before sleeping on it.
+            if zmq.zmq_poll(self.input_only, 0):
+                return True
         ready = False
         for fd, _ in self.sleep.poll(IDLE_POLL_MS):
             if fd == self.input_fd:
                 ready = True
             elif fd == self.woken_fd:
                 self.on_wake()
+                ready = ready or bool(zmq.zmq_poll(self.input_only, 0))
             else:
                 control.handle()
         return ready
