@@ -90,6 +90,28 @@ def test_a_killed_replica_is_restarted_and_nothing_is_lost(project):
     assert len(got) - 4000 <= int(again[1])  # duplicates only from what was sent again
 
 
+def test_a_sender_restarted_after_its_receiver_was_sends_to_its_new_life(project):
+    """relay2 dies and comes back (a later generation), then relay1, its sender, does:
+    relay1's new life must learn relay2's generation (WELCOME), or everything it
+    sends is dropped as meant for an earlier life."""
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 6000, pause = 0.001 }',
+        'name = "relay1"\nrun = "stages:relay"\nrestart = "on-failure"',
+        'name = "relay2"\nrun = "stages:relay"\nrestart = "on-failure"',
+        'name = "sink"\nrun = "stages:record"\nparams = { path = "out.txt" }'), STAGES)
+    launched = project.start()
+    wait_until(lambda: len(project.lines("out.txt")) > 500, what="items at the sink")
+    os.kill(wait_until(lambda: replica_pids(project, "relay2"))[0], signal.SIGKILL)
+    launched.wait_for_stderr("replica relay2-0 is back (life 2)")
+    seen = len(project.lines("out.txt"))
+    wait_until(lambda: len(project.lines("out.txt")) > seen + 200, what="items flowing again")
+    os.kill(wait_until(lambda: replica_pids(project, "relay1"))[0], signal.SIGKILL)
+    code, err = launched.finish(90)
+    assert code == 0, err
+    assert "replica relay1-0 is back (life 2)" in err
+    assert sorted(set(lines(project))) == list(range(6000))
+
+
 def test_a_replica_that_raises_is_restarted_and_its_item_sent_again(project):
     project.pipeline(toml(
         'name = "source"\nrun = "stages:numbers"\nparams = { count = 1000 }',

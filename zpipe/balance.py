@@ -38,6 +38,7 @@ MIN_WINDOW = 1      # always one message waiting: the next starts without a roun
 MAX_WINDOW = 64
 QUEUE_TIME = 0.002  # seconds of work a replica keeps waiting (the credits' way back, with room)
 MAX_CREDIT = 1 << 20  # a credit message granting more is not one of ours
+SENT, FULL, GONE = "sent", "full", "gone"  # what _transmit did
 _MORE_NOBLOCK = NOBLOCK | SNDMORE
 _monotonic = time.monotonic
 
@@ -68,18 +69,19 @@ class Dispatcher:
         out = self.outstanding
         if out.resend and not self._resend():
             return False
-        replica = self._choose()
-        if replica is None:
-            self._take_messages()
+        while True:
             replica = self._choose()
             if replica is None:
+                self._take_messages()
+                replica = self._choose()
+                if replica is None:
+                    return False
+            sent = self._transmit(replica, out.next_seq, frames)
+            if sent is FULL:
                 return False
-        while not self._transmit(replica, out.next_seq, frames):
-            replica = self._choose()
-            if replica is None:
-                return False
-        out.record(replica, frames, items)
-        return True
+            if sent is SENT:
+                out.record(replica, frames, items)
+                return True
 
     def pump(self) -> None:
         """Take credits and acknowledgements, apply LOST and REJOINED, send again what
@@ -89,6 +91,15 @@ class Dispatcher:
         self._take_messages()
         if self.outstanding.resend:
             self._resend()
+
+    def starting_from(self, downstream: list[object]) -> None:
+        """WELCOME's view of the next stage: which replicas are up, down or gone, and
+        the generation each one's messages must carry (a sender started again)."""
+        for replica, state in enumerate(downstream[:len(self.peers)]):
+            if type(state) is list and len(state) == 2 and type(state[0]) is int:
+                self.outstanding.generation[replica] = state[0]
+                if state[1] != "up":
+                    self.credits[replica] = 0  # REJOINED gives them (and "gone": never)
 
     def event(self, kind: str, replica: int, generation: int) -> None:
         """From the control channel: downstream ``replica`` was lost, or has rejoined."""
@@ -136,24 +147,27 @@ class Dispatcher:
                 if replica is None:
                     return False
             entry = out.unacked[seq]
-            if not self._transmit(replica, seq, entry[1], entry[3]):
+            sent = self._transmit(replica, seq, entry[1], entry[3])
+            if sent is FULL:
+                return False
+            if sent is GONE:
                 continue
             out.resend.popleft()
             out.resent(seq, replica)
         return True
 
-    def _transmit(self, replica: int, seq: int, frames: list[Any], attempt: int = 0) -> bool:
-        """Send one message to ``replica``; False if it could not take it (then it
-        has no credits left: the caller chooses again)."""
+    def _transmit(self, replica: int, seq: int, frames: list[Any], attempt: int = 0) -> object:
+        """Send one message to ``replica``: SENT; FULL if its queue is (try later);
+        GONE if it is (its credits went with it: choose another)."""
         sock = self.sock
         try:
             send_frame(sock, self.peers[replica], _MORE_NOBLOCK)
         except zmq.Again:
-            # Its queue is at the HWM (ROUTER_MANDATORY: rather than dropped),
-            # which credits reach only under a very low hwm: the message
-            # waits for the next credit, from whichever replica.
-            self.credits[replica] = 0
-            return False
+            # Its queue is at the HWM (ROUTER_MANDATORY: rather than dropped):
+            # under a very low hwm, or full of what was queued for an earlier
+            # life of the replica, which that one drops (granting nothing).
+            # Its credits stand; the message waits until there is room.
+            return FULL
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
@@ -161,7 +175,7 @@ class Dispatcher:
             # the supervisor's to report, not this sender's. Its credits
             # died with it; the message goes to another replica.
             self.credits[replica] = 0
-            return False
+            return GONE
         self.credits[replica] -= 1
         send_frame(sock, lease_frame(seq, self.outstanding.generation[replica], attempt),
                    _MORE_NOBLOCK)
@@ -169,7 +183,7 @@ class Dispatcher:
             send_frame(sock, frames[0], NOBLOCK)
         else:
             sock.send_multipart(frames, NOBLOCK, copy=False)
-        return True
+        return SENT
 
     def _choose(self) -> int | None:
         """The next replica, round-robin, with a credit and room left."""
@@ -203,11 +217,17 @@ class Dispatcher:
 class Lender:
     """A downstream replica's side: gives credits back to the senders of the messages it takes."""
 
-    def __init__(self, sock: zmq.Socket, hwm: int):
+    def __init__(self, sock: zmq.Socket, hwm: int, balancing: bool = True):
         self.sock = sock
         # More credits than the HWM would only make senders wait on a full queue.
         self.max_window = max(MIN_WINDOW, min(MAX_WINDOW, hwm))
         self.window = FIRST_CREDITS
+        # The only replica of its stage (a leased link without siblings): there
+        # is no choice of replica to keep open, so the window is the widest, and
+        # a sender never waits a round trip for room it has.
+        self.balancing = balancing
+        if not balancing:
+            self.window = self.max_window
         self.left: dict[bytes, int] = {}  # per sender: messages it may still send
         self.took_at: float | None = None  # when the message in hand was taken
         self.work = 0.0                    # seconds a message takes, smoothed
@@ -215,7 +235,7 @@ class Lender:
     def took(self, sender: bytes, wanted_at: float) -> None:
         """A message from ``sender`` was taken; the replica ran out of items at ``wanted_at``."""
         now = _monotonic()
-        if self.took_at is not None:
+        if self.took_at is not None and self.balancing:
             # From taking a message to wanting the next: the time its items
             # took, not counting any wait for input in between.
             work = wanted_at - self.took_at

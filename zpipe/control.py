@@ -40,6 +40,8 @@ class Control:
         # Items that ended a replica while worked on: (sender, seq, index) -> why.
         self.poison: dict[tuple[bytes, int, int], str] = {}
         self.noted: list[Any] | None = None  # the last ATTEMPT the supervisor has
+        self.downstream: list[Any] = []  # from WELCOME: the next stage's replicas, as they are
+        self.early: list[tuple[str, int, int]] = []  # LOST, REJOINED before on_peer is set
         self.next_check = 0.0
         self.poll_items = [(sock, POLLIN)]
         # LOST and REJOINED go to the outbox's dispatcher (a leased output);
@@ -87,12 +89,17 @@ class Control:
             elif kind == protocol.WELCOME:
                 self.generation = fields.get("generation", 0)
                 self._poisoned(fields.get("poison", []))
+                self.downstream = fields.get("downstream", [])
             elif kind == protocol.POISON:
                 self._poisoned(fields.get("keys", []))
             elif kind == protocol.NOTED:
                 self.noted = fields.get("key")
-            elif kind in (protocol.LOST, protocol.REJOINED) and self.on_peer is not None:
-                self.on_peer(kind, fields.get("replica", -1), fields.get("generation", 0))
+            elif kind in (protocol.LOST, protocol.REJOINED):
+                event = (kind, fields.get("replica", -1), fields.get("generation", 0))
+                if self.on_peer is not None:
+                    self.on_peer(*event)
+                else:  # the dispatcher is being made (connecting): it takes them then
+                    self.early.append(event)
 
     def attempt(self, key: list[Any] | None) -> None:
         """Name the item (sent again) the replica starts on, or None once it is done;

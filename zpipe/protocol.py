@@ -62,7 +62,7 @@ FIELDS: dict[str, dict[str, Any]] = {
                  "action": str, "count": int},
     STUCK: {"item_type": _TEXT, "seconds": (float, int), "stack": str, "action": str,
             "limit": (float, int)},
-    WELCOME: {"generation": int, "poison": list},
+    WELCOME: {"generation": int, "poison": list, "downstream": list},
     START: {},
     DRAIN: {"expected": int},
     STOP: {},

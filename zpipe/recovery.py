@@ -159,6 +159,26 @@ class Recovery:
                 sup._send(r, protocol.POISON, keys=[key])
         replica.attempting = None
 
+    def downstream_of(self, sender: ReplicaState) -> list[list[object]]:
+        """For WELCOME: where each replica of the next stage stands, as a sender that
+        starts now must take it (it has heard no LOST or REJOINED of the past):
+        ``[generation its messages carry, "up" | "down" | "gone"]``."""
+        sup = self.supervisor
+        index = sup.spec.index(sender.stage)
+        if index + 1 >= len(sup.stages) or not sup.spec.leased(index + 1):
+            return []
+        states: list[list[object]] = []
+        for r in sup.stages[index + 1].replicas:
+            if r.gone:
+                states.append([r.generation, "gone"])
+            elif r.name in self.due or r.name in self.awaited:
+                states.append([r.generation + 1, "down"])  # dead; its next life is coming
+            elif r.name in self.rejoining:
+                states.append([r.generation, "down"])      # started again, not ready yet
+            else:
+                states.append([r.generation, "up"])
+        return states
+
     def _tell_senders(self, replica: ReplicaState, kind: str, generation: int) -> None:
         """LOST or REJOINED, to the replicas of the stage before (on a leased link)."""
         sup = self.supervisor

@@ -167,10 +167,13 @@ class Replica:
     def counts(self) -> dict[str, int]:
         """Entries received and sent on the links (order markers included, and counted)."""
         inbox, outbox = self.inbox, self.outbox
+        dispatcher = outbox.dispatcher if outbox is not None else None
         return {"received": inbox.received if inbox else 0,
                 "sent": outbox.sent if outbox else 0,
                 "markers_received": inbox.reorder.markers if inbox and inbox.reorder else 0,
-                "markers_sent": outbox.markers if outbox else 0}
+                "markers_sent": outbox.markers if outbox else 0,
+                # (kept in heartbeats: a replica killed later sends no last report)
+                "redelivered": dispatcher.outstanding.redelivered if dispatcher else 0}
 
     def final_counts(self) -> dict[str, int]:
         """counts(), and what it still holds: for its last report, from the main thread
@@ -180,7 +183,6 @@ class Replica:
         dispatcher = outbox.dispatcher if outbox is not None else None
         return {**self.counts(), "pending": inbox.unfinished(taken) if inbox else 0,
                 "unsent": outbox.unsent() if outbox else 0,
-                "redelivered": dispatcher.outstanding.redelivered if dispatcher else 0,
                 "unacked": dispatcher.outstanding.items() if dispatcher else 0,
                 "stale": inbox.lots.stale if inbox and inbox.lots else 0}
 
@@ -214,7 +216,8 @@ class Replica:
                 if leased:
                     lots = Lots(functools.partial(pull.send_multipart, flags=transport.NOBLOCK))
                 self.inbox = Inbox(pull, control, self.stage, wiring.input_hwm,
-                                   balance.Lender(pull, wiring.input_hwm) if leased else None,
+                                   balance.Lender(pull, wiring.input_hwm, self.body.replicas > 1)
+                                   if leased else None,
                                    lots)
                 self.inbox.generation = control.generation
                 policy = self.callee.policy
@@ -226,14 +229,22 @@ class Replica:
             downstream = wiring.downstream
             if downstream:
                 # Known downstream by name and life: a poisoned item is named by it.
+                # A replica downstream that is down (being started again) or gone
+                # is not waited for.
+                absent = {i for i, state in enumerate(control.downstream)
+                          if type(state) is list and len(state) == 2 and state[1] != "up"}
                 push = transport.push(self.ctx, downstream, wiring.downstream_hwm,
                                       control.handle, wiring.connect_timeout, curve,
                                       wiring.output_leased,
-                                      f"{self.name}#{control.generation}".encode())
+                                      f"{self.name}#{control.generation}".encode(), absent)
                 sockets.append(push)
                 if wiring.output_leased:
                     dispatcher = balance.Dispatcher(push, downstream, wiring.downstream_hwm)
+                    dispatcher.starting_from(control.downstream)
                     control.on_peer = dispatcher.event
+                    for event in control.early:
+                        dispatcher.event(*event)
+                    control.early.clear()
             self.outbox = Outbox(push, control, source=self.inbox is None,
                                  number_outputs=wiring.number_outputs,
                                  ordered_by=self.inbox if wiring.ordered else None,

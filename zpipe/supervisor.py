@@ -399,7 +399,8 @@ class Supervisor:
             self.report(f"replica {replica.name} joined from {fields.get('host')} "
                         f"(pid {replica.pid})")
         self._send(replica, protocol.WELCOME, generation=replica.generation,
-                   poison=self.recovery.poison[replica.stage])
+                   poison=self.recovery.poison[replica.stage],
+                   downstream=self.recovery.downstream_of(replica))
         if self.aborting_since is not None:
             self._send(replica, protocol.ABORT, reason="the pipeline is stopping")
 

@@ -78,7 +78,8 @@ def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None,
 
 def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
          on_idle: Callable[[], None], timeout: float, curve: Curve | None = None,
-         balanced: bool = False, identity: bytes | None = None) -> zmq.Socket:
+         balanced: bool = False, identity: bytes | None = None,
+         absent: set[int] | frozenset[int] = frozenset()) -> zmq.Socket:
     """A stage replica's output, connected to every replica of the next stage:
     PUSH, or if ``balanced`` a ROUTER that names each connection ``peer_id(replica)``
     and is known to them as ``identity`` (one per life of the sender).
@@ -102,7 +103,9 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
     connected: set[str] = set()
     deadline = time.monotonic() + timeout
     # inproc links (threads) have no handshake, and need none: connecting is immediate.
-    expected = sum(not address.startswith("inproc://") for address in addresses)
+    # Nor is a replica ``absent`` (down, being started again, or gone) waited for.
+    expected = sum(not address.startswith("inproc://")
+                   for replica, address in enumerate(addresses) if replica not in absent)
     try:
         for replica, address in enumerate(addresses):
             if balanced:
