@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from typing import Iterable
 
 import pytest
@@ -245,6 +246,79 @@ def test_run_restarts_a_replica_in_either_mode(tmp_path, mode, stage):
 
 
 # -- replicas started elsewhere (containers) -------------------------------------------------
+
+def test_a_new_life_whose_heartbeat_comes_before_its_hello_is_welcomed(project):
+    """A replica started again by its host: its heartbeat thread may speak before its
+    main thread says hello. That beat is not the dead life waking up (which is told
+    ABORT): the hello that follows is answered with WELCOME, and the run goes on."""
+    import msgpack
+    import zmq
+    from test_launcher import free_ports
+    from zpipe.codec import PROTOCOL_VERSION
+
+    control, relay, sink = free_ports(3)
+    project.pipeline(toml(
+        'name = "source"\nrun = "stages:numbers"\nparams = { count = 3000, pause = 0.001 }',
+        f'name = "relay"\nrun = "stages:relay"\nrestart = "on-failure"\n'
+        f'address = "tcp://127.0.0.1:{relay}"',
+        f'name = "sink"\nrun = "stages:record"\nparams = {{ path = "out.txt" }}\n'
+        f'address = "tcp://127.0.0.1:{sink}"',
+        extra=f'control = "tcp://127.0.0.1:{control}"'), STAGES)
+    zpipe_cmd = [sys.executable, "-m", "zpipe"]
+
+    def replica(stage: str) -> subprocess.Popen:
+        return subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), stage],
+                                cwd=project.root)
+    supervisor = subprocess.Popen([*zpipe_cmd, "supervise", str(project.toml)],
+                                  cwd=project.root, stderr=subprocess.PIPE, text=True)
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(supervisor.stderr), daemon=True)
+    reader.start()
+    procs = {name: replica(name) for name in ("source", "relay", "sink")}
+    ctx = zmq.Context()
+    main = ctx.socket(zmq.DEALER)
+    beat = ctx.socket(zmq.DEALER)
+    try:
+        wait_until(lambda: (project.root / "half").exists(), what="half the items sent")
+        procs["relay"].kill()
+        procs["relay"].wait(10)
+        wait_until(lambda: any("waiting up to" in line for line in said),
+                   what="the supervisor noticing the death")
+        monitor = main.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        for sock, identity in ((main, b"relay-0"), (beat, b"relay-0/hb")):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(f"tcp://127.0.0.1:{control}")
+        # The main connection is up before the beat: an answer to the beat could reach it.
+        assert monitor.poll(20_000), "the main connection did not come up"
+        main.disable_monitor()
+        monitor.close(0)
+        # The next life, as its threads would: a beat first, then the hello.
+        beat.send(msgpack.packb([PROTOCOL_VERSION, "heartbeat", {"received": 0, "sent": 0}]))
+        main.send(msgpack.packb([PROTOCOL_VERSION, "hello",
+                                 {"pid": os.getpid(), "host": "test", "version":
+                                  PROTOCOL_VERSION}]))
+        assert main.poll(20_000), "no answer to the hello"
+        version, kind, fields = msgpack.unpackb(main.recv())
+        assert kind == "welcome", (kind, fields)
+        main.close()
+        beat.close()
+        # That life ends at once (its connection drops); the real one comes back.
+        procs["relay"] = replica("relay")
+        supervisor.wait(60)
+        reader.join(10)
+        err = "".join(said)
+        codes = [p.wait(30) for p in procs.values()]
+    finally:
+        main.close()
+        beat.close()
+        ctx.term()
+        for p in [supervisor, *procs.values()]:
+            p.kill()
+    assert supervisor.returncode == 0, err
+    assert codes == [0, 0, 0]
+    assert sorted(set(lines(project))) == list(range(3000))
+
 
 def test_a_replica_started_again_by_its_host_rejoins(project):
     """Under `zpipe supervise`, the container engine restarts what dies: the new

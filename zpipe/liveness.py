@@ -36,26 +36,45 @@ class Liveness:
     def __init__(self, sock: zmq.Socket):
         self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED,
                                                addr=f"inproc://zpipe-liveness-{id(self)}")
-        self.fds: dict[int, str] = {}  # descriptor -> the identity last heard on it
+        # descriptor -> (the identity heard on it, the count of messages heard
+        # before its first): a replica started again (a container restarted)
+        # speaks on new connections, and the drop of an old one, noticed
+        # later, is not news of the new life (see dropped()).
+        self.fds: dict[int, tuple[str, int]] = {}
+        self.count = 0  # messages heard so far
+        self.gone: list[tuple[str, int]] = []
 
-    def heard(self, identity: str, frame: zmq.Frame) -> None:
-        """A message from ``identity`` came in ``frame`` (received with copy=False)."""
+    def heard(self, identity: str, frame: zmq.Frame) -> int:
+        """A message from ``identity`` came in ``frame`` (received with copy=False):
+        its number, in the order messages were heard."""
+        self.count += 1
         try:
             fd = frame.get(zmq.SRCFD)
         except zmq.ZMQError:
-            return  # inproc: no descriptor, and no heartbeats either
+            return self.count  # inproc: no descriptor, and no heartbeats either
         if fd >= 0:
-            self.fds[fd] = identity
+            # Drops first: the OS may give a new connection the descriptor of
+            # one that has just ended, whose drop was reported before it.
+            self._take_events()
+            known = self.fds.get(fd)
+            if known is None or known[0] != identity:
+                self.fds[fd] = (identity, self.count)
+        return self.count
 
-    def dropped(self) -> list[str]:
-        """Identities whose connection has dropped since the last call."""
-        gone = []
-        while self.monitor.poll(0):
-            event = parse_monitor_message(self.monitor.recv_multipart())
-            identity = self.fds.pop(event["value"], None)
-            if identity is not None:
-                gone.append(identity)
+    def dropped(self) -> list[tuple[str, int]]:
+        """(identity, number of the first message heard on it) of each connection that
+        has dropped since the last call: one first heard before a replica's latest
+        hello was its earlier life's."""
+        self._take_events()
+        gone, self.gone = self.gone, []
         return gone
+
+    def _take_events(self) -> None:
+        while self.monitor.poll(0):
+            fd = parse_monitor_message(self.monitor.recv_multipart())["value"]
+            known = self.fds.pop(fd, None)
+            if known is not None:
+                self.gone.append(known)
 
     def close(self) -> None:
         self.monitor.close(0)

@@ -74,6 +74,7 @@ class ReplicaState:
     replica: int
     pid: int | None = None
     hello: bool = False
+    hello_heard: int = 0  # the number of its latest hello among the messages heard (liveness.py)
     ready: bool = False
     done: bool = False
     failed: bool = False
@@ -217,6 +218,7 @@ class Supervisor:
                             for s in spec.stages})
         self.strangers = 0  # control messages from peers that are not replicas
         self.recovery = Recovery(self)
+        self.heard = 0  # the number of the message being handled (liveness.heard)
         self.dropped: dict[str, float] = {}  # local replicas whose connection dropped, when
         self.failures: list[Failure] = []
         self.pending_signals: list[int] = []
@@ -292,8 +294,11 @@ class Supervisor:
     def _tick(self) -> None:
         if self.router.poll(TICK_MS):
             self._read_messages()
-        for identity in self.liveness.dropped():
-            self._connection_dropped(identity.removesuffix("/hb"))
+        for identity, first in self.liveness.dropped():
+            # A replica's heartbeat socket drops with its main one: the main one,
+            # which begins with its hello, says which life it was.
+            if not identity.endswith("/hb"):
+                self._connection_dropped(identity, first)
         for name, status in self.workers.exited().items():
             self._on_exit(self.replicas[name], status)
         while self.pending_signals:
@@ -310,7 +315,7 @@ class Supervisor:
             if len(frames) != 2:
                 continue
             identity = frames[0].bytes.decode(errors="replace")
-            self.liveness.heard(identity, frames[1])
+            self.heard = self.liveness.heard(identity, frames[1])
             self._on_message(identity, frames[1].bytes)
 
     def _send(self, to: ReplicaState, kind: str, **fields: Any) -> None:
@@ -337,6 +342,11 @@ class Supervisor:
             self.report(f"ignored a control message from replica {identity}: {exc}")
             return
         if replica.exited and not replica.done and kind != protocol.HELLO:
+            if heartbeat:
+                # Its next life's heartbeat thread may speak before that life's
+                # hello (started again elsewhere): answered from its hello on.
+                # An earlier life's beats go unanswered; it gives up by itself.
+                return
             # A replica taken for lost (frozen, then woken) speaks again: it is
             # not one any more; its work went elsewhere.
             self.router.send_multipart([replica.name.encode(), protocol.pack(
@@ -394,6 +404,7 @@ class Supervisor:
                 return
         coming_back = self.recovery.hello(replica)
         replica.hello, replica.pid = True, fields.get("pid")
+        replica.hello_heard = self.heard
         replica.last_seen = time.monotonic()
         if self.remote and not coming_back:
             self.report(f"replica {replica.name} joined from {fields.get('host')} "
@@ -590,11 +601,14 @@ class Supervisor:
                            replica.error_cause else
                            f"(pid {replica.pid}) died without a word: {how}"))
 
-    def _connection_dropped(self, name: str) -> None:
-        """ZeroMQ dropped a replica's connection: it ended, or it did not answer the
-        heartbeats of its libzmq thread, which a call holding the GIL still answers."""
+    def _connection_dropped(self, name: str, first: int) -> None:
+        """ZeroMQ dropped a replica's connection (``first``: the number of the first
+        message heard on it): it ended, or it did not answer the heartbeats of its
+        libzmq thread, which a call holding the GIL still answers."""
         replica = self.replicas.get(name)
-        if replica is None or replica.exited or replica.done or self.aborting_since is not None \
+        if replica is None or first < replica.hello_heard:
+            return  # the connection of an earlier life, which its hello ended
+        if replica.exited or replica.done or self.aborting_since is not None \
                 or self.killed:
             return
         if not self.remote:
