@@ -61,18 +61,19 @@ def zpipe_command(*args: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def launched(name: str, stages: list[dict], hwm: int = 100) -> Iterator[Child]:
+def launched(name: str, stages: list[dict], hwm: int = 100,
+             options: tuple[str, ...] = ()) -> Iterator[Child]:
     """`zpipe launch` of a generated pipeline; the group is cleaned up on the way out."""
     with tempfile.TemporaryDirectory(prefix="bench-zpipe-") as tmp:
         path = write_pipeline(Path(tmp), name, stages, hwm)
-        with Child(zpipe_command("launch", str(path)), cwd=tmp) as child:
+        with Child(zpipe_command("launch", str(path), *options), cwd=tmp) as child:
             yield child
 
 
 def run_to_end(name: str, stages: list[dict], hwm: int = 100,
-               expect: int | None = None) -> tuple[dict, Child]:
+               expect: int | None = None, options: tuple[str, ...] = ()) -> tuple[dict, Child]:
     """Launch, wait for the end; the sink's figures (checked: ``expect`` items arrived)."""
-    with launched(name, stages, hwm) as child:
+    with launched(name, stages, hwm, options) as child:
         status = child.wait(TIMEOUT)
         if status != 0:
             raise RuntimeError(f"zpipe launch {name} exited {status}:\n{child.tail(30)}")
@@ -129,6 +130,37 @@ def small(count: int, restart: bool = False) -> dict:
     """4 stages (source -> relay -> relay -> sink), ~100-byte dicts, hwm 1000."""
     result, _ = run_to_end("small", small_stages(count, restart), hwm=1000, expect=count)
     return result
+
+
+def small_watched(count: int) -> dict:
+    """small(), with /metrics served and scraped every SCRAPE_EVERY s all along, and the
+    live view's status lines every second: what watching a run costs."""
+    import socket
+    import threading
+    import urllib.request
+    with socket.socket() as probe:  # a free port (the launcher binds it a moment later)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    done = threading.Event()
+    scrapes = [0]
+
+    def scrape() -> None:
+        while not done.wait(SCRAPE_EVERY):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+                scrapes[0] += 1
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        result, _ = run_to_end("small", small_stages(count), hwm=1000, expect=count,
+                               options=("--metrics-port", str(port), "--status-interval", "1"))
+    finally:
+        done.set()
+        scraper.join(5)
+    return {**result, "scrapes": scrapes[0]}
+
+
+SCRAPE_EVERY = 0.2
 
 
 def arrays(count: int, nbytes: int) -> dict:

@@ -221,6 +221,21 @@ def delivery(n: dict) -> list[Row]:
                       "stages_on": scenarios.small_stages(count, restart=True)})]
 
 
+def watching(n: dict) -> list[Row]:
+    count = n["small"]
+    step(f"watching: the small scenario's chain with /metrics served and scraped every "
+         f"{scenarios.SCRAPE_EVERY:g} s and status lines every second, against the same "
+         f"chain unwatched, in turns, {count:,} items")
+    plain, watched = interleaved(n, lambda: scenarios.small(count)["rate"],
+                                 lambda: scenarios.small_watched(count)["rate"])
+    paired = statistics.median(b / a for a, b in zip(plain.runs, watched.runs))
+    return [versus("small msgs, watched vs not (4 stages)", watched, plain, rate,
+                   "(zpipe, no metrics served)", ">=", 0.97),
+            Row("same, median of the ratios run by run", "-", ratio=f"{paired:.2f}x",
+                data={"ratio": paired,
+                      "runs": [b / a for a, b in zip(plain.runs, watched.runs)]})]
+
+
 def _halves(values: list[float]) -> tuple[float, float]:
     """The maximum in the first half of the samples and in the second."""
     half = len(values) // 2
@@ -300,7 +315,8 @@ def soak(n: dict) -> list[Row]:
 
 
 SCENARIOS = {"small": small, "arrays": arrays, "latency": latency, "startup": startup,
-             "replicas": replicas, "memory": memory, "delivery": delivery, "soak": soak}
+             "replicas": replicas, "memory": memory, "delivery": delivery, "soak": soak,
+             "watching": watching}
 
 
 def run(names: list[str], quick: bool, repeat: int | None = None) -> list[Row]:

@@ -15,7 +15,7 @@ import time
 import msgpack
 import zmq
 
-VERSION = 3
+VERSION = 4
 FIRST_CREDITS = 2
 
 

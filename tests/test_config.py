@@ -921,3 +921,21 @@ def test_fuzzed_files_give_config_error_or_pass(fuzz_project, request):
     else:  # given back, less the time spent
         assert 0 < timer_after[0] <= timer_before[0] - (time.monotonic() - started) + 0.1
     assert time.monotonic() - started < 30
+
+
+# --- total (the live view's progress) -------------------------------------------------------
+
+def test_a_source_may_say_how_many_items_it_sends(tmp_path):
+    spec = load_text(tmp_path, HEAD + SOURCE + "total = 300\n" + SINK)
+    assert spec.stages[0].total == 300 and spec.stages[1].total is None
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", '"300"', "true"])
+def test_total_must_be_a_whole_number(tmp_path, value):
+    message = config_error(tmp_path, HEAD + SOURCE + f"total = {value}\n" + SINK)
+    assert "stage 'source'" in message and "field 'total' must be a whole number" in message
+
+
+def test_only_the_source_has_a_total(tmp_path):
+    message = config_error(tmp_path, HEAD + SOURCE + SINK + "total = 3\n")
+    assert "stage 'sink'" in message and "only the first stage has one" in message

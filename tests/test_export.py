@@ -77,7 +77,13 @@ def test_kubernetes_manifests_give_every_replica_a_stable_name():
         pod = workload["spec"]["template"]["spec"]
         assert pod["terminationGracePeriodSeconds"] == int(spec.grace) + 10
         command = pod["containers"][0]["command"][-1]
-        assert f"zpipe stage services/pipeline.toml {stage.name} --replica" in command
+        assert command.startswith("exec zpipe stage --replica ")
+        assert command.endswith(f"--health-port 8080 -- services/pipeline.toml {stage.name}")
+        container = pod["containers"][0]
+        # Probes on the health port (health.py): alive, and ready for work.
+        assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "health"}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+        assert {"containerPort": 8080, "name": "health"} in container["ports"]
         env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
         assert env["ZPIPE_CONTROL"] == "tcp://supervisor-0.supervisor:5600"
         assert env["ZPIPE_ADDRESS_TRACKER"] == "tcp://tracker-{replica}.tracker:5555"

@@ -54,8 +54,9 @@ class Task:
     its keyword arguments; ``replicas`` how many run side by side; ``hwm`` the
     stage's input high-water mark; ``ordered`` makes a replicated stage's
     outputs leave in input order. ``restart``, ``max_restarts``,
-    ``restart_window``, ``on_error``, ``max_errors`` and ``item_timeout`` are
-    pipeline.toml's fields of the same names (README: "When replicas fail").
+    ``restart_window``, ``on_error``, ``max_errors``, ``item_timeout`` and
+    ``total`` are pipeline.toml's fields of the same names (README: "When
+    replicas fail", "Watching a run").
     """
 
     fn: Any
@@ -71,6 +72,7 @@ class Task:
     on_error: str | None = None
     max_errors: int | None = None
     item_timeout: float | None = None
+    total: int | None = None  # a source's count of items, for the progress bar (README)
 
 
 def _default_name(fn: Any) -> str:
@@ -79,7 +81,7 @@ def _default_name(fn: Any) -> str:
 
 
 _OPTIONAL_FIELDS = ("hwm", "stream", "restart", "max_restarts", "restart_window", "on_error",
-                    "max_errors", "item_timeout")
+                    "max_errors", "item_timeout", "total")
 
 
 def spec_from_tasks(tasks: Sequence[Task], name: str = "pipeline", hwm: int | None = None,

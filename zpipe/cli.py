@@ -6,7 +6,7 @@ import math
 import os
 import sys
 import threading
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import click
 
@@ -20,9 +20,9 @@ from .errors import ConfigError
 EXIT_BAD_INPUT = 2
 
 
-def _fail(exc: ConfigError) -> NoReturn:
+def _fail(exc: Exception, status: int = EXIT_BAD_INPUT) -> NoReturn:
     click.echo(f"zpipe: error: {exc}", err=True)
-    _exit(EXIT_BAD_INPUT)
+    _exit(status)
 
 
 def _exit(status: int) -> NoReturn:
@@ -60,16 +60,48 @@ def main() -> None:
     """Multi-stage pipelines over ZeroMQ: each stage replica its own process."""
 
 
+def _view_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What `launch` and `supervise` show and serve while the pipeline runs (views.py)."""
+    for option in reversed([
+        click.option("--live/--no-live", default=None,
+                     help="The live view (default: when stderr is a terminal)."),
+        click.option("-q", "--quiet", is_flag=True,
+                     help="Print only errors, the stages' own lines and the summary."),
+        click.option("--status-interval", type=click.FloatRange(0, MAX_SECONDS), default=10.0,
+                     show_default=True,
+                     help="Seconds between status lines when stderr is not a terminal "
+                          "(0: none)."),
+        click.option("--summary-json", type=click.Path(dir_okay=False), default=None,
+                     help="Also write the summary's figures to this file, as JSON."),
+        click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+                     help="Serve Prometheus metrics at /metrics on this port."),
+        click.option("--metrics-address", default="127.0.0.1", show_default=True,
+                     help="The address the metrics port is bound to."),
+        click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+                     help="Answer /livez and /readyz on this port."),
+        click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                     show_default=True, help="json: one JSON object a line."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _views(options: dict[str, Any]) -> Any:
+    from .views import ViewOptions
+    return ViewOptions(**options)
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--grace", type=float, default=None, callback=_seconds_option,
               help="Seconds to let items in flight drain after Ctrl-C or SIGTERM "
                    "(default: [pipeline] grace, else 5).")
-def launch(file: str, grace: float | None) -> None:
+@_view_options
+def launch(file: str, grace: float | None, **view: Any) -> None:
     """Run the pipeline described in FILE (a pipeline.toml) on this host."""
     from . import launcher
     try:
-        outcome = launcher.launch(file, grace=grace)
+        outcome = launcher.launch(file, grace=grace, view=_views(view))
     except ConfigError as exc:
         _fail(exc)
     _exit(outcome.exit_code)
@@ -98,12 +130,14 @@ def validate(file: str) -> None:
 @click.argument("name")
 @click.option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
               help="Which replica of the stage this process is.")
-def stage(file: str, name: str, replica: int) -> None:
+@click.option("--health-port", type=click.IntRange(0, 65535), default=None,
+              help="Answer /livez and /readyz on this port (for a container engine's probes).")
+def stage(file: str, name: str, replica: int, health_port: int | None) -> None:
     """Run one replica of stage NAME of FILE (what `launch` starts for each replica)."""
     from . import worker
     try:
         status = worker.run_stage_process(apply_environment(load(file), os.environ), name,
-                                          replica)
+                                          replica, health_port)
     except ConfigError as exc:
         _fail(exc)
     sys.exit(status)
@@ -113,7 +147,8 @@ def stage(file: str, name: str, replica: int) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--grace", type=float, default=None, callback=_seconds_option,
               help="Seconds to let items in flight drain after Ctrl-C or SIGTERM.")
-def supervise(file: str, grace: float | None) -> None:
+@_view_options
+def supervise(file: str, grace: float | None, **view: Any) -> None:
     """Run only the supervisor of FILE, for replicas started elsewhere (containers, hosts).
 
     Every replica runs as `zpipe stage FILE NAME --replica I`; addresses are the
@@ -121,10 +156,60 @@ def supervise(file: str, grace: float | None) -> None:
     """
     from . import launcher
     try:
-        outcome = launcher.supervise(file, grace=grace)
+        outcome = launcher.supervise(file, grace=grace, view=_views(view))
     except ConfigError as exc:
         _fail(exc)
     sys.exit(outcome.exit_code)
+
+
+def _status_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    command = click.option("--keys", type=click.Path(file_okay=False), default=None,
+                           help="The CurveZMQ keys folder, when the pipeline has one.")(command)
+    command = click.option("--control", default=None,
+                           help="The supervisor's control address (tcp://HOST:PORT) instead "
+                                "of a NAME.")(command)
+    return click.argument("name", required=False)(command)
+
+
+@main.command()
+@_status_options
+def status(name: str | None, control: str | None, keys: str | None) -> None:
+    """Print what a running pipeline is doing: NAME on this host, or --control anywhere."""
+    from . import status as statuses
+    try:
+        for address in statuses.addresses(name, control):
+            click.echo(statuses.show(statuses.query(address, keys)), nl=False)
+    except statuses.StatusError as exc:
+        _fail(exc, 1)
+    _exit(0)
+
+
+@main.command()
+@_status_options
+def top(name: str | None, control: str | None, keys: str | None) -> None:
+    """Show a running pipeline live until it ends (Ctrl-C to leave)."""
+    from rich.console import Console
+    from . import status as statuses
+    try:
+        address = statuses.addresses(name, control)[0]
+        statuses.top(address, keys, Console())
+    except statuses.StatusError as exc:
+        _fail(exc, 1)
+    except KeyboardInterrupt:
+        pass
+    _exit(0)
+
+
+@main.command()
+@click.argument("port", type=click.IntRange(1, 65535))
+@click.option("--ready", is_flag=True, help="Ask /readyz rather than /livez.")
+def probe(port: int, ready: bool) -> None:
+    """Ask this host's health PORT (`zpipe stage/supervise --health-port`): exit 0 if it
+    answers 200, 1 otherwise (a container healthcheck)."""
+    from .health import probe as ask
+    status, text = ask(port, "/readyz" if ready else "/livez")
+    click.echo(text.rstrip(), err=status != 200)
+    _exit(0 if status == 200 else 1)
 
 
 @main.group()

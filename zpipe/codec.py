@@ -24,6 +24,7 @@ and checks every size against the bytes received before it makes an array.
 
 from __future__ import annotations
 
+import math
 import re
 import weakref
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from zmq import COPY_THRESHOLD
 
 from .errors import EncodeError
 
-PROTOCOL_VERSION = 3  # docs/protocol.md, Versioning
+PROTOCOL_VERSION = 4  # docs/protocol.md, Versioning
 EXT_ARRAY = 1
 EXT_SCALAR = 2
 TAG_LAST = 1    # the last output for this input sequence number
@@ -242,6 +243,9 @@ class Batch:
         # array is then frozen without a copy, and the receiver's is its own.
         self.copy_arrays = copy_arrays
         self.copies = _Copies()
+        # When its source sent what this message carries on (unix time), on a
+        # sampled few messages: the sink times them end to end (observe.py).
+        self.origin: float | None = None
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -356,7 +360,10 @@ class Batch:
     def frames(self) -> list[Any]:
         """The message's frames (the batch keeps its items until ``clear()``)."""
         count = len(self.encoded)
-        if self.tags is None:
+        if self.origin is not None:
+            header = b"".join([_HEAD_STAMPED, self.packer.pack_array_header(count),
+                               *self.encoded, self._pack(self.tags), self._pack(self.origin)])
+        elif self.tags is None:
             prefix = _PREFIXES[count] if count < len(_PREFIXES) else \
                 _HEAD_PLAIN + self.packer.pack_array_header(count)
             header = prefix + b"".join(self.encoded)
@@ -369,6 +376,7 @@ class Batch:
         """Empty the batch, once its frames have been sent."""
         self.encoded, self.tags, self.arrays = [], None, []
         self.header_bytes = 0
+        self.origin = None
 
 
 # The start of a header, [version, [items...]] or [version, [items...], tags],
@@ -376,6 +384,7 @@ class Batch:
 # precomputed.
 _HEAD_PLAIN = b"\x92" + msgpack.packb(PROTOCOL_VERSION)
 _HEAD_TAGGED = b"\x93" + msgpack.packb(PROTOCOL_VERSION)
+_HEAD_STAMPED = b"\x94" + msgpack.packb(PROTOCOL_VERSION)  # [version, items, tags|nil, origin]
 _PREFIXES = [_HEAD_PLAIN + header
              for header in map(msgpack.Packer().pack_array_header, range(1025))]
 
@@ -394,7 +403,13 @@ def decode(frames: Sequence[Any]) -> list[Any]:
 
 
 def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
-    """Items of one data message and their tags (None on untagged links).
+    """Items of one data message and their tags (None on untagged links)."""
+    return decode_stamped(frames)[:2]
+
+
+def decode_stamped(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None, float | None]:
+    """Items of one data message, their tags (None on untagged links), and its
+    origin stamp (None but on a sampled few: see Batch.origin).
 
     Raises DecodeError, and nothing else, for what is not a data message:
     every ext type, array and tag is checked where it appears.
@@ -425,7 +440,7 @@ def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
         if type(message) is list and len(message) == 2 and type(message[1]) is list and \
                 type(message[0]) is int and message[0] == PROTOCOL_VERSION and \
                 (count == 1 or ext_hook.next == count):
-            return message[1], None  # the usual message, checked in one go
+            return message[1], None, None  # the usual message, checked in one go
         return _unusual(message, ext_hook, count)
     except DecodeError:
         raise
@@ -433,12 +448,13 @@ def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
         raise DecodeError(f"not a zpipe data message: {_why(exc)}") from None
 
 
-def _unusual(message: Any, ext_hook: Any, count: int) -> tuple[list[Any], list[Any] | None]:
+def _unusual(message: Any, ext_hook: Any,
+             count: int) -> tuple[list[Any], list[Any] | None, float | None]:
     """The checks of every message but the usual one: another version, a tagged
-    message, frames that no array took, or not a data message at all."""
-    if type(message) is not list or not 2 <= len(message) <= 3 or type(message[1]) is not list:
-        raise DecodeError("not a zpipe data message: header is not [version, items] "
-                          "or [version, items, tags]")
+    or stamped message, frames that no array took, or not a data message at all."""
+    if type(message) is not list or not 2 <= len(message) <= 4 or type(message[1]) is not list:
+        raise DecodeError("not a zpipe data message: header is not [version, items], "
+                          "[version, items, tags] or [version, items, tags, origin]")
     if type(message[0]) is not int or message[0] != PROTOCOL_VERSION:
         raise VersionMismatch(f"protocol version {_brief(message[0])} received, this zpipe "
                               f"speaks {PROTOCOL_VERSION}: run the same zpipe version in every "
@@ -448,7 +464,14 @@ def _unusual(message: Any, ext_hook: Any, count: int) -> tuple[list[Any], list[A
                           f"{ext_hook.next - 1} arrays")
     items = message[1]
     if len(message) == 2:
-        return items, None
+        return items, None, None
+    origin = None
+    if len(message) == 4:
+        origin = message[3]
+        if type(origin) is not float or not math.isfinite(origin):
+            raise DecodeError(f"not a zpipe data message: origin {_brief(origin)} is not a time")
+        if message[2] is None:
+            return items, None, origin
     tags = message[2]
     if type(tags) is not list or len(tags) != len(items):
         raise DecodeError("not a zpipe data message: tags do not match items")
@@ -459,7 +482,7 @@ def _unusual(message: Any, ext_hook: Any, count: int) -> tuple[list[Any], list[A
         if tag[1] & TAG_MARKER and (tag[1] != TAG_LAST | TAG_MARKER or item is not None):
             raise DecodeError(f"not a zpipe data message: marker {_brief(tag)} with an item, or "
                               f"without LAST")
-    return items, tags
+    return items, tags, origin
 
 
 def _why(exc: BaseException) -> str:

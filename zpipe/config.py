@@ -70,7 +70,7 @@ PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivi
                  "keys", "max_message_size", "dead_letters"}
 STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered",
               "max_message_size", "restart", "max_restarts", "restart_window", "on_error",
-              "max_errors", "item_timeout"}
+              "max_errors", "item_timeout", "total"}
 
 # Resilience (README: "When replicas fail").
 RESTART_POLICIES = ("no", "on-failure")
@@ -79,6 +79,7 @@ DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW = 60.0
 MAX_RESTARTS_LIMIT = 10_000
 DEFAULT_DEAD_LETTERS = "dead-letters"  # next to pipeline.toml
+MAX_TOTAL = 2**63 - 1  # a source's total: any count msgpack carries
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,7 @@ class StageSpec:
     on_error: str = "fail"           # what an item whose call raises does: fail, skip, dead-letter
     max_errors: int | None = None    # skipped or dead-lettered items beyond this fail the run
     item_timeout: float | None = None  # a call on one item running longer is a stuck call
+    total: int | None = None         # a source's count of items (the live view's progress)
     # The callable itself, for pipelines declared in Python (zpipe.Task);
     # ``run`` is then only a label.
     target: Any = field(default=None, compare=False, repr=False)
@@ -371,11 +373,17 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any,
     item_timeout = raw.get("item_timeout")
     if item_timeout is not None:
         item_timeout = _seconds(raw, "item_timeout", 0, label)
+    total = raw.get("total")
+    if total is not None:
+        if position != 1:
+            raise ConfigError(f"{label}: field 'total' counts the items a source sends; only "
+                              f"the first stage has one")
+        total = _count_field(raw, "total", 0, label, MAX_TOTAL)
     return StageSpec(name=name, run=run, params=params, replicas=replicas, hwm=hwm,
                      stream=stream, address=address, ordered=ordered, target=target,
                      max_message_size=max_size, restart=restart, max_restarts=max_restarts,
                      restart_window=restart_window, on_error=on_error, max_errors=max_errors,
-                     item_timeout=item_timeout)
+                     item_timeout=item_timeout, total=total)
 
 
 def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:

@@ -16,6 +16,7 @@ from . import codec, protocol
 from .balance import Lender
 from .delivery import Lot, Lots, Poisoned, read_lease
 from .control import Control
+from .observe import Times
 from .shapes import Inputs
 from .transport import NOBLOCK, POLLIN
 
@@ -79,6 +80,10 @@ class Inbox(Inputs):
         self.sleep.register(control.sock.getsockopt(zmq.FD), select.POLLIN)
         self.woken_fd = -1
         self.on_wake: Callable[[], None] = lambda: None
+        self.times = Times()  # the runtime's, shared with its outbox (observe.py)
+        # The send time of the latest stamped message, for the next output to carry
+        # on (outbox.py); at a sink, stamps are timed end to end instead.
+        self.origin: float | None = None
 
     def __next__(self) -> Any:
         return next(self.items)
@@ -170,9 +175,11 @@ class Inbox(Inputs):
         while True:
             frames = self._receive(block)
             if frames is None:
+                if self.control.stopped:  # ended: the last message's items are done
+                    self.times.mark(_monotonic(), 0)
                 return False
             try:
-                items, tags = codec.decode_tagged(frames)
+                items, tags, origin = codec.decode_stamped(frames)
                 if tags is None:
                     if self.reorder is None and not self.numbered:
                         break
@@ -189,6 +196,13 @@ class Inbox(Inputs):
                     sender, seq, _ = self.arrival
                     self.lots.arrived(sender, seq, 0)
         self.received += len(items)
+        times = self.times
+        times.mark(_monotonic(), len(items))
+        if origin is not None:
+            if times.end_to_end is not None:
+                times.end_to_end.add(max(0.0, time.time() - origin))
+            else:
+                self.origin = origin
         if self.lots is not None:
             self._arrived(items, tags)
         elif tags is None:
@@ -342,7 +356,10 @@ class Inbox(Inputs):
             if zmq.zmq_poll(self.input_only, 0):
                 return True
         ready = False
-        for fd, _ in self.sleep.poll(IDLE_POLL_MS):
+        asleep = _monotonic()
+        events = self.sleep.poll(IDLE_POLL_MS)
+        self.times.idle += _monotonic() - asleep
+        for fd, _ in events:
             if fd == self.input_fd:
                 ready = True
             elif fd == self.woken_fd:

@@ -25,6 +25,7 @@ from .janitor import Janitor
 from .processes import Processes, Remote
 from .shapes import Callee
 from .supervisor import Outcome, Supervisor, Workers, signals_stop
+from .views import ViewOptions, Views
 from .worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
 
 
@@ -76,9 +77,13 @@ class OutputPump(threading.Thread):
     until ``close()`` and every stream it has has ended.
     """
 
-    def __init__(self, out: IO[bytes], err: IO[bytes]):
+    def __init__(self, out: IO[bytes], err: IO[bytes],
+                 emit: Callable[[str, str, bytes, int], None] | None = None):
         super().__init__(name="zpipe-output", daemon=True)
         self.out, self.err = out, err
+        # Where lines go instead, when a view shows them (views.py): (replica,
+        # "stdout" | "stderr", line, width of the names).
+        self.emit = emit
         self.selector = selectors.DefaultSelector()
         self.width = 0
         self.added: list[tuple[str, subprocess.Popen[bytes]]] = []
@@ -96,7 +101,11 @@ class OutputPump(threading.Thread):
 
     def close(self, timeout: float) -> None:
         """Stop once the streams have ended (a grandchild may hold one open: not longer
-        than ``timeout``)."""
+        than ``timeout``). Again: only waits."""
+        if self.closing:
+            if self.ident is not None:
+                self.join(timeout)
+            return
         self.closing = True
         if self.ident is None:  # never started
             os.close(self.wake_read)
@@ -134,6 +143,16 @@ class OutputPump(threading.Thread):
             chunk = os.read(key.fd, 65536)
         except BlockingIOError:
             return
+        if self.emit is not None:
+            if not chunk:
+                self.selector.unregister(key.fileobj)
+                lines = [partial] if partial else []
+            else:
+                *lines, key.data[2] = (partial + chunk).split(b"\n")
+            stream = "stderr" if target is self.err else "stdout"
+            for line in lines:
+                self.emit(name, stream, line, self.width)
+            return
         prefix = f"{name:<{self.width}} | ".encode()
         if not chunk:
             self.selector.unregister(key.fileobj)
@@ -155,12 +174,15 @@ class OutputPump(threading.Thread):
 
 def launch(path: str | Path, grace: float | None = None,
            report: Callable[[str], None] | None = None,
-           out: IO[bytes] | None = None, err: IO[bytes] | None = None) -> Outcome:
-    """Run the pipeline in ``path`` to its end on this host; raises ConfigError for a bad file."""
+           out: IO[bytes] | None = None, err: IO[bytes] | None = None,
+           view: ViewOptions | None = None) -> Outcome:
+    """Run the pipeline in ``path`` to its end on this host; raises ConfigError for a bad
+    file. ``view``: what to show and serve while it runs (views.py), else plain lines."""
     path = Path(path).resolve()
     spec = apply_environment(load(path), os.environ)
     check(spec)
-    report = report or _print_report
+    views = Views(view, spec.name) if view is not None else None
+    report = views.report if views is not None else report or _print_report
     runtime_dir = tempfile.mkdtemp(prefix=f"zpipe-{spec.name}-")
     try:
         check_ipc_paths(spec, runtime_dir)  # check() judged by a folder of the same length
@@ -168,7 +190,8 @@ def launch(path: str | Path, grace: float | None = None,
         shutil.rmtree(runtime_dir, ignore_errors=True)
         raise
     janitor = Janitor(runtime_dir)  # first: from here on, nothing may outlive us
-    pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer)
+    pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer,
+                      views.stage_line if views is not None else None)
 
     def started(name: str, proc: subprocess.Popen[bytes]) -> None:  # restarts too
         janitor.watch(proc.pid)
@@ -177,8 +200,13 @@ def launch(path: str | Path, grace: float | None = None,
     stop_on_signals = contextlib.ExitStack()
     try:
         addresses = plan_addresses(spec, runtime_dir)
+        # Where `zpipe status NAME` finds the supervisor (status.py).
+        (Path(runtime_dir) / "address").write_text(addresses.control + "\n")
         supervisor = _supervisor(spec, addresses.control, workers, report, grace)
         stop_on_signals.enter_context(signals_stop(supervisor.request_stop))
+        if views is not None:
+            _start_views(views, supervisor)
+            stop_on_signals.callback(views.close, None)  # on the way out of a failure
         env = {**os.environ, ENV_RUNTIME_DIR: runtime_dir, ENV_PARENT_PID: str(os.getpid()),
                "PYTHONUNBUFFERED": "1"}
         for stage in spec.stages:
@@ -190,7 +218,8 @@ def launch(path: str | Path, grace: float | None = None,
                 workers.popen(name, argv, env)
         pump.start()
         outcome = supervisor.run()
-        report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
+        pump.close(1.0)  # the stages' last lines come before the summary
+        _ended(supervisor, views, outcome)
         return outcome
     finally:
         workers.reap()
@@ -201,20 +230,25 @@ def launch(path: str | Path, grace: float | None = None,
 
 
 def supervise(path: str | Path, grace: float | None = None,
-              report: Callable[[str], None] | None = None) -> Outcome:
+              report: Callable[[str], None] | None = None,
+              view: ViewOptions | None = None) -> Outcome:
     """`zpipe supervise`: the supervisor alone, for replicas started elsewhere."""
     spec = apply_environment(load(path), os.environ)
     if spec.control is None or any(s.address is None for s in spec.stages[1:]):
         raise ConfigError(f"{spec.where}: zpipe supervise serves replicas started elsewhere, "
                           f"so every address must be tcp: set [pipeline] control and each "
                           f"later stage's address (or ZPIPE_CONTROL, ZPIPE_ADDRESS_<STAGE>)")
-    report = report or _print_report
+    views = Views(view, spec.name) if view is not None else None
+    report = views.report if views is not None else report or _print_report
     supervisor = _supervisor(spec, spec.control, Remote(), report, grace)
-    with signals_stop(supervisor.request_stop):
-        report(f"{spec.name}: supervisor at {spec.control}, waiting for "
-               f"{sum(s.replicas for s in spec.stages)} replicas")
+    with signals_stop(supervisor.request_stop), contextlib.ExitStack() as cleanup:
+        if views is not None:
+            _start_views(views, supervisor)
+            cleanup.callback(views.close, None)
+        supervisor.progress(f"{spec.name}: supervisor at {spec.control}, waiting for "
+                            f"{sum(s.replicas for s in spec.stages)} replicas")
         outcome = supervisor.run()
-    report(f"{spec.name}: {outcome.status} after {outcome.elapsed:.2f} s")
+        _ended(supervisor, views, outcome)
     return outcome
 
 
@@ -224,6 +258,27 @@ def _supervisor(spec: PipelineSpec, control: str, workers: Workers,
         return Supervisor(spec, control, workers, report, grace=grace)
     except OSError as exc:  # the file's control address is taken, or not this host's
         raise ConfigError(f"{spec.where}: [pipeline] control: {exc}") from None
+
+
+def _start_views(views: Views, supervisor: Supervisor) -> None:
+    supervisor.progress = views.progress
+    try:
+        views.start(lambda: supervisor.observer.latest)
+    except OSError as exc:  # a metrics or health port in use
+        supervisor.close()
+        views.close(None)
+        raise ConfigError(str(exc)) from None
+
+
+def _ended(supervisor: Supervisor, views: Views | None, outcome: Outcome) -> None:
+    """The last lines: the outcome, and the summary."""
+    line = f"{supervisor.spec.name}: {outcome.status} after {outcome.elapsed:.2f} s"
+    if outcome.status == "ok":
+        supervisor.progress(line)
+    else:
+        supervisor.report(line)
+    if views is not None:
+        views.close(outcome.summary)
 
 
 def _print_report(text: str) -> None:

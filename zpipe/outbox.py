@@ -20,6 +20,7 @@ from .balance import Dispatcher
 from .control import Control, SourceStopped
 from .errors import EncodeError
 from .inbox import IDLE_POLL_MS, Inbox
+from .observe import Times
 from .transport import NOBLOCK, send_frame
 
 BATCH_ITEMS = 1000
@@ -35,6 +36,7 @@ BATCH_WAIT = 0.001
 FLUSHER_PERIOD = 0.005
 IDLE_GAP = 0.0002
 TRACK_WAIT = 0.02  # while ZeroMQ still holds a sent array, look for commands this often
+STAMP_EVERY = 0.1  # a source stamps a message this often: the sink times it end to end
 
 _NOTHING = object()
 _monotonic = time.monotonic
@@ -75,6 +77,10 @@ class Outbox:
         self.downstream = ""
         self.batch_items = BATCH_ITEMS
         self.checking = False
+        self.times = Times()  # the runtime's, shared with its inbox (observe.py)
+        self.origins: Inbox | None = None  # the stamps to carry on (a stage with input)
+        self.next_stamp = 0.0
+        self.timed_sent = 0
         if sock is not None:
             # Sends one message without waiting; False when downstream has no room now.
             self.try_send = dispatcher.send if dispatcher is not None else \
@@ -125,7 +131,7 @@ class Outbox:
             with self.lock:
                 batch = self.batch
                 if not batch.encoded and now - self.last_flush > IDLE_GAP and tag is None and \
-                        self.max_size is None:
+                        self.max_size is None and not self._stamp_due(now):
                     # After a pause an item leaves alone, at once: the latency path, kept short.
                     self._send_now(batch.alone(item), 1)
                 else:
@@ -140,6 +146,8 @@ class Outbox:
                             self._flush_locked()
                     else:
                         self.oldest = now
+                        if self._stamp_due(now):
+                            self._stamp(now)
                         if batch.arrays or now - self.last_flush > IDLE_GAP:
                             self._flush_locked()
                         elif self.flusher is not None and self.flusher.idle:
@@ -182,6 +190,21 @@ class Outbox:
                               f"(max_message_size {self.max_size})")
         self.oldest = now
 
+    def _stamp_due(self, now: float) -> bool:
+        if self.source:
+            return now >= self.next_stamp
+        origins = self.origins
+        return origins is not None and origins.origin is not None
+
+    def _stamp(self, now: float) -> None:
+        """The batch just begun carries a send time: a source's own (now), or the
+        one of the last stamped message in (a sampled few; observe.py)."""
+        if self.source:
+            self.batch.origin = time.time()
+            self.next_stamp = now + STAMP_EVERY
+        elif self.origins is not None:
+            self.batch.origin, self.origins.origin = self.origins.origin, None
+
     def flush(self) -> None:
         """Send what waits in the batch (main thread; blocks while downstream is full)."""
         if self.sock is not None and self.batch.encoded:
@@ -207,7 +230,11 @@ class Outbox:
         self.sent += count
         # Taken after the send: a send that waited on a full link does not
         # make the next output look like the first after a pause.
-        self.last_flush = _monotonic()
+        self.last_flush = now = _monotonic()
+        if self.source:  # a source's items are timed by what it sends
+            times = self.times
+            times.mark(now, self.sent - self.timed_sent)
+            self.timed_sent = self.sent
 
     def flush_if_due(self) -> bool:
         """From the Flusher: send the batch if its time is up and the socket takes it now.
@@ -268,20 +295,30 @@ class Outbox:
     def _wait_released(self, tracker: zmq.MessageTracker) -> None:
         """Wait until ZeroMQ is done with the arrays just sent (written to the socket):
         from then on the stage may change them. ABORT still comes through."""
-        while True:
-            try:
-                tracker.wait(TRACK_WAIT)
-                return
-            except zmq.NotDone:
-                self.control.check(_monotonic())
+        if tracker.done:
+            return
+        started = _monotonic()
+        try:
+            while True:
+                try:
+                    tracker.wait(TRACK_WAIT)
+                    return
+                except zmq.NotDone:
+                    self.control.check(_monotonic())
+        finally:
+            self.times.blocked += _monotonic() - started
 
     def _send_blocking(self, frames: list[Any], count: int) -> None:
-        while True:
-            events = dict(self.poller.poll(IDLE_POLL_MS))
-            if self.control.sock in events:
-                self.control.handle()
-            if self.try_send(frames, count):
-                return
+        started = _monotonic()
+        try:
+            while True:
+                events = dict(self.poller.poll(IDLE_POLL_MS))
+                if self.control.sock in events:
+                    self.control.handle()
+                if self.try_send(frames, count):
+                    return
+        finally:
+            self.times.blocked += _monotonic() - started
 
 
 def _tracked(frames: list[Any]) -> tuple[list[Any], zmq.MessageTracker | None]:

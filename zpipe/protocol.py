@@ -27,6 +27,10 @@ ITEM_ERROR = "item_error"  # exc_type, message, traceback, item_type, action, co
 STUCK = "stuck"          # item_type, seconds, stack, action, limit: a call past item_timeout
                          # (stuck.py); on the /hb socket, as the heartbeat thread sees it
 
+# anyone -> supervisor, and its answer (status.py)
+STATUS = "status"        # what is the pipeline doing?
+SNAPSHOT = "snapshot"    # snapshot: the answer (observe.py), nil before the first
+
 # supervisor -> replica
 WELCOME = "welcome"      # generation: the answer to HELLO; how often this replica was started before
 START = "start"          # a source may begin producing
@@ -42,7 +46,9 @@ NOTED = "noted"          # key: the answer to ATTEMPT (the replica waits for it 
 
 
 _COUNTS = {"received": int, "sent": int, "markers_received": int, "markers_sent": int,
-           "pending": int, "unsent": int, "redelivered": int, "stale": int, "unacked": int}
+           "pending": int, "unsent": int, "redelivered": int, "stale": int, "unacked": int,
+           # What it measured of itself (observe.py checks what is inside).
+           "figures": dict}
 _TEXT = (str, type(None))
 # What each kind may carry: a field of another type makes the whole message
 # malformed (dropped and counted, never acted on); fields not named here are
@@ -74,6 +80,8 @@ FIELDS: dict[str, dict[str, Any]] = {
     NOTED: {"key": (list, type(None))},
     ATTEMPT: {"key": (list, type(None))},
     REJOINED: {"replica": int, "generation": int},
+    STATUS: {},
+    SNAPSHOT: {"snapshot": (dict, type(None))},
 }
 
 

@@ -27,6 +27,7 @@ from .delivery import Lots
 from .control import Aborted, Control, SourceStopped
 from .inbox import Inbox, Reorder
 from .outbox import BATCH_ITEMS_REPLICATED, Outbox
+from .observe import Histogram, Times
 from .security import Curve
 from .shapes import Body, Callee
 from .stuck import CallWatch
@@ -82,6 +83,7 @@ class Heartbeat(threading.Thread):
         self.first_contact_timeout = first_contact_timeout
         self.curve = curve
         self.on_lost = on_lost
+        self.on_beat: Callable[[], None] | None = None  # each beat (health.py, when served)
         self.stopping = threading.Event()
         # stop() wakes the thread through an inproc pair rather than the thread
         # polling often: frequent wake-ups cost the data path ~60 us per hop.
@@ -106,6 +108,8 @@ class Heartbeat(threading.Thread):
                     watch.check(sock)
                 sock.send(protocol.pack(protocol.HEARTBEAT, **self.counts(),
                                         call_started_ago=watch.ago() if watch else None))
+                if self.on_beat is not None:
+                    self.on_beat()
                 deadline = time.monotonic() + HEARTBEAT_INTERVAL
                 while (left := deadline - time.monotonic()) > 0 and not self.stopping.is_set():
                     if sock in dict(poller.poll(int(left * 1000) + 1)):
@@ -160,6 +164,9 @@ class Replica:
         self.inbox: Inbox | None = None
         self.outbox: Outbox | None = None
         self.phase = "start"
+        self.times = Times()  # its inbox's and outbox's clocks (observe.py)
+        self.total: int | None = None  # a source's count of items, when it has a len()
+        self.body.on_total = functools.partial(setattr, self, "total")
         # A SIGTERM while teardown() runs waits for it (see worker._terminate).
         self.tearing_down = False
         self.terminate_after_teardown = False
@@ -173,7 +180,19 @@ class Replica:
                 "markers_received": inbox.reorder.markers if inbox and inbox.reorder else 0,
                 "markers_sent": outbox.markers if outbox else 0,
                 # (kept in heartbeats: a replica killed later sends no last report)
-                "redelivered": dispatcher.outstanding.redelivered if dispatcher else 0}
+                "redelivered": dispatcher.outstanding.redelivered if dispatcher else 0,
+                "figures": self.figures()}
+
+    def figures(self) -> dict[str, object]:
+        """What it measured of itself (observe.py): read by the heartbeat thread."""
+        times, inbox = self.times, self.inbox
+        now = _monotonic()
+        return {"busy": times.busy(now), "blocked": times.blocked, "idle": times.idle,
+                "queue": len(inbox.buffer) if inbox is not None else 0,
+                "rss": _rss(), "cpu": time.process_time(),
+                "items": times.items.wire(),
+                "end_to_end": times.end_to_end.wire() if times.end_to_end else None,
+                "total": self.total}
 
     def final_counts(self) -> dict[str, int]:
         """counts(), and what it still holds: for its last report, from the main thread
@@ -220,6 +239,7 @@ class Replica:
                                    if leased else None,
                                    lots)
                 self.inbox.generation = control.generation
+                self.inbox.times = self.times
                 policy = self.callee.policy
                 if leased and policy is not None and policy.on_error != "fail":
                     self.inbox.careful = control.attempt
@@ -255,6 +275,10 @@ class Replica:
                                  copy_arrays=dispatcher is not None or
                                  any(a.startswith("inproc://") for a in downstream))
             self.outbox.max_size = wiring.downstream_max_size
+            self.outbox.times = self.times
+            self.outbox.origins = self.inbox
+            if not downstream:
+                self.times.end_to_end = Histogram()  # a sink times stamps end to end
             if len(downstream) > 1:
                 self.outbox.batch_items = BATCH_ITEMS_REPLICATED
             if lots is not None and dispatcher is not None:
@@ -276,6 +300,7 @@ class Replica:
                 if self.inbox is None:
                     control.wait_for(lambda: control.started or control.stopped)
                 self.phase = "run"
+                self.times.started = _monotonic()
                 if not (self.inbox is None and control.stopped):
                     self._run_body()
             except BaseException:
@@ -382,3 +407,17 @@ class Replica:
             pass
         except zmq.ZMQError:
             pass
+
+
+def _rss() -> int:
+    """This process's resident memory, in bytes (its peak where /proc is not there)."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_monotonic = time.monotonic

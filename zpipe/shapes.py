@@ -8,6 +8,7 @@ yielding outputs; a ``zpipe.Stage`` subclass built as ``Cls(**params)``.
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import enum
 import importlib
 import importlib.machinery
@@ -18,7 +19,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sized
 
 from .errors import ConfigError
 
@@ -285,6 +286,8 @@ class Body:
         if callee.policy is not None and callee.policy.active:
             from .itempolicy import ItemErrors
             self.errors = ItemErrors(callee.policy, callee.stage, replica)
+        # A source's count of items, when what it returns has a len() (the live view).
+        self.on_total: Callable[[int], None] | None = None
 
     def setup(self) -> None:
         if self.callee.shape in (Shape.CLASS, Shape.SOURCE_CLASS):
@@ -314,10 +317,13 @@ class Body:
         """
         callee = self.callee
         target, params, shape = callee.target, callee.params, callee.shape
-        if shape is Shape.SOURCE:
-            _send_all(target(**self._params()), send, callee)
-        elif shape is Shape.SOURCE_CLASS:
-            _send_all(self.instance.generate(), send, callee)
+        if shape is Shape.SOURCE or shape is Shape.SOURCE_CLASS:
+            outputs = target(**self._params()) if shape is Shape.SOURCE else \
+                self.instance.generate()
+            if self.on_total is not None and isinstance(outputs, Sized):
+                with contextlib.suppress(Exception):  # a len() that fails says nothing
+                    self.on_total(len(outputs))
+            _send_all(outputs, send, callee)
         elif shape is Shape.STREAM:
             assert inputs is not None
             result = target(inputs, **params)

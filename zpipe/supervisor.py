@@ -37,6 +37,7 @@ from . import liveness
 from .failures import Failure
 from .liveness import Liveness
 from .itempolicy import Tally, stuck_failure, stuck_report
+from .observe import Observer
 from .recovery import Recovery
 from .security import Curve, stop_authenticator
 
@@ -73,6 +74,7 @@ class ReplicaState:
     stage: str
     replica: int
     pid: int | None = None
+    host: str | None = None
     hello: bool = False
     hello_heard: int = 0  # the number of its latest hello among the messages heard (liveness.py)
     ready: bool = False
@@ -180,6 +182,7 @@ class Outcome:
     restarts: dict[str, int] = field(default_factory=dict)     # per stage (recovery.py)
     redelivered: dict[str, int] = field(default_factory=dict)  # items sent again into a stage
     item_errors: dict[str, int] = field(default_factory=dict)  # items skipped or dead-lettered
+    summary: dict[str, Any] | None = None  # the last snapshot (observe.py): figures per stage
 
     @property
     def exit_code(self) -> int:
@@ -197,6 +200,8 @@ class Supervisor:
         self.spec = spec
         self.workers = workers
         self.report = report
+        # Lines that only say how it goes (left out under --quiet: views.py).
+        self.progress: Callable[[str], None] = report
         self.grace = spec.grace if grace is None else grace
         self.ctx = ctx or zmq.Context.instance()
         curve = Curve(spec.keys) if spec.keys else None
@@ -218,6 +223,7 @@ class Supervisor:
                             for s in spec.stages})
         self.strangers = 0  # control messages from peers that are not replicas
         self.recovery = Recovery(self)
+        self.observer = Observer(self)  # figures and snapshots (observe.py)
         self.heard = 0  # the number of the message being handled (liveness.heard)
         self.dropped: dict[str, float] = {}  # local replicas whose connection dropped, when
         self.failures: list[Failure] = []
@@ -277,11 +283,12 @@ class Supervisor:
                                                for i in range(len(self.stages))])
             for line in losses.describe(lost):
                 self.report(line)
+        self.observer.refresh(time.monotonic(), status, force=True)
         return Outcome(status, self.failures, counts, self.interrupted,
                        time.monotonic() - self.started_at, lost,
                        {k: v for k, v in self.recovery.restarts.items() if v},
                        {k: v for k, v in redelivered.items() if v},
-                       item_errors=dict(self.tally.counts))
+                       item_errors=dict(self.tally.counts), summary=self.observer.latest)
 
     def close(self) -> None:
         """Close its sockets (run() does, at its end)."""
@@ -304,6 +311,7 @@ class Supervisor:
         while self.pending_signals:
             self._on_signal(self.pending_signals.pop(0))
         self._check_timers()
+        self.observer.refresh(time.monotonic())
 
     def _read_messages(self) -> None:
         """Handle every message waiting, without waiting for more."""
@@ -329,8 +337,9 @@ class Supervisor:
         replica = self.replicas.get(identity[:-3] if heartbeat else identity)
         if replica is None:
             # Anyone who can reach the control socket may send anything; only
-            # the pipeline's own replicas are listened to.
-            self._stranger(identity, data)
+            # the pipeline's own replicas are listened to, and asked for status.
+            if not self.observer.asked(identity, data):
+                self._stranger(identity, data)
             return
         try:
             kind, fields = protocol.unpack(data)
@@ -403,11 +412,11 @@ class Supervisor:
                                            "time), and its stage has restart = \"no\""))
                 return
         coming_back = self.recovery.hello(replica)
-        replica.hello, replica.pid = True, fields.get("pid")
+        replica.hello, replica.pid, replica.host = True, fields.get("pid"), fields.get("host")
         replica.hello_heard = self.heard
         replica.last_seen = time.monotonic()
         if self.remote and not coming_back:
-            self.report(f"replica {replica.name} joined from {fields.get('host')} "
+            self.progress(f"replica {replica.name} joined from {fields.get('host')} "
                         f"(pid {replica.pid})")
         self._send(replica, protocol.WELCOME, generation=replica.generation,
                    poison=self.recovery.poison[replica.stage],
@@ -426,8 +435,9 @@ class Supervisor:
             self.running = True
             self.last_progress = time.monotonic()
             elapsed = time.monotonic() - self.started_at
-            self.report(f"{self.spec.name}: {len(self.replicas)} replicas ready in "
+            self.progress(f"{self.spec.name}: {len(self.replicas)} replicas ready in "
                         f"{elapsed:.2f} s; starting")
+            self.observer.run_started = time.monotonic()
             for source in self.stages[0].replicas:
                 self._send(source, protocol.START)
 
@@ -462,7 +472,7 @@ class Supervisor:
                                        f"{stage.expected}"))
             return
         stage.status = "done"
-        self.report(f"stage {stage.name!r} finished: {stage.items_in} in, {stage.items_out} out")
+        self.progress(f"stage {stage.name!r} finished: {stage.items_in} in, {stage.items_out} out")
         if index + 1 < len(self.stages):
             following = self.stages[index + 1]
             if self.spec.leased(index + 1):
@@ -483,6 +493,7 @@ class Supervisor:
 
     def _on_error(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         self._take_counts(replica, fields)
+        self.observer.error(replica.stage, fields.get("exc_type"))
         failure = Failure(replica.stage, replica.name, "error",
                           message=fields.get("message", ""), exc_type=fields.get("exc_type"),
                           traceback=fields.get("traceback"), item_type=fields.get("item_type"),
@@ -501,6 +512,7 @@ class Supervisor:
         """An item was skipped or dead-lettered: say so (rate-limited), count it, and fail
         the run once its stage has had more than max_errors."""
         line, failure = self.tally.item_error(replica.stage, replica.name, fields)
+        self.observer.error(replica.stage, fields.get("exc_type"))
         if line:
             self.report(line)
         if failure is not None and self.aborting_since is None:
@@ -535,8 +547,9 @@ class Supervisor:
     def _on_aborted(self, replica: ReplicaState, fields: dict[str, Any]) -> None:
         self._take_counts(replica, fields)
 
-    @staticmethod
-    def _take_counts(replica: ReplicaState, fields: dict[str, Any], final: bool = True) -> None:
+    def _take_counts(self, replica: ReplicaState, fields: dict[str, Any],
+                     final: bool = True) -> None:
+        self.observer.take(replica, fields.get("figures"))
         for name in ("received", "sent", "markers_received", "markers_sent", "pending",
                      "unsent", "redelivered", "stale", "unacked"):
             setattr(replica, name, fields.get(name, getattr(replica, name)))

@@ -7,12 +7,14 @@ the heartbeat thread and logging set-up. The replica itself is runtime.Replica.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -56,8 +58,10 @@ def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replic
                   if downstream else False)
 
 
-def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
-    """`zpipe stage`: run one replica in this process until it ends; returns the exit status."""
+def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int,
+                      health_port: int | None = None) -> int:
+    """`zpipe stage`: run one replica in this process until it ends; returns the exit status.
+    ``health_port``: answer /livez and /readyz there (health.py), for a container engine."""
     stage = spec.stage(stage_name)
     if not 0 <= replica < stage.replicas:
         raise ConfigError(f"{spec.where}: stage {stage_name!r} has {stage.replicas} replica(s); "
@@ -72,7 +76,21 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int) -> int:
                           f"stage a tcp address and [pipeline] control")
     addresses = plan_addresses(spec, Path(runtime_dir or "."))
     callee = shapes.resolve_stage(spec, spec.index(stage_name))
-    return serve(callee, replica, stage.replicas, wiring_for(spec, addresses, stage_name, replica))
+    health = None
+    if health_port is not None:
+        from .health import Health
+        health = Health()
+        try:
+            health.start(health_port)
+        except OSError as exc:
+            raise ConfigError(f"stage {stage_name!r} replica {replica}: --health-port: "
+                              f"{exc}") from None
+    try:
+        return serve(callee, replica, stage.replicas,
+                     wiring_for(spec, addresses, stage_name, replica), health=health)
+    finally:
+        if health is not None:
+            health.close()
 
 
 def become_replica_process(parent: int | None) -> None:
@@ -86,7 +104,8 @@ def become_replica_process(parent: int | None) -> None:
 
 
 def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
-          ctx: zmq.Context | None = None, supervisor_timeout: float | None = None) -> int:
+          ctx: zmq.Context | None = None, supervisor_timeout: float | None = None,
+          health: Any = None) -> int:
     """Run one replica, with a heartbeat, until it ends; its exit status.
 
     A process gets its own context and gives up when the supervisor goes
@@ -107,6 +126,8 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
                           on_lost=lambda: _supervisor_lost(worker.name, timeout),
                           first_contact_timeout=wiring.connect_timeout,
                           curve=Curve(wiring.keys) if wiring.keys else None, watch=worker.watch)
+    if health is not None:
+        heartbeat.on_beat = functools.partial(_tell_health, health, worker)
     heartbeat.start()
     try:
         return worker.run()
@@ -171,3 +192,16 @@ def _guard_against_orphaning(parent: int) -> None:
         pass  # not Linux: the heartbeat timeout still applies
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(EXIT_TERMINATED)
+
+
+def _tell_health(health: Any, worker: Replica) -> None:
+    """From the heartbeat thread: alive; ready while it runs and its input has not
+    begun to drain (a container engine then sends it no new work)."""
+    health.beat()
+    control = worker.control
+    if worker.phase != "run":
+        health.ready(False, "draining" if worker.phase in ("teardown", "done") else "starting")
+    elif control is not None and (control.draining or control.stopped):
+        health.ready(False, "draining")
+    else:
+        health.ready(True)
