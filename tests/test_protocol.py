@@ -161,7 +161,7 @@ def test_a_stage_written_with_only_pyzmq_and_msgpack_joins_a_pipeline(project, r
         for p in procs:
             p.kill()
     assert procs[0].returncode == 0, err
-    assert codes == [0] * (1 + 2 * replicas)
+    assert codes == [0] * (1 + 2 * replicas), err
     import json
     outputs = [json.loads(path.read_text()) for path in project.root.glob("out-*.txt")]
     assert len(outputs) == replicas and all(outputs)  # every replica had a share

@@ -248,6 +248,9 @@ def supervise(path: str | Path, grace: float | None = None,
         supervisor.progress(f"{spec.name}: supervisor at {spec.control}, waiting for "
                             f"{sum(s.replicas for s in spec.stages)} replicas")
         outcome = supervisor.run()
+        # Its last EXITs are the only word replicas started elsewhere wait for:
+        # ending the context is what waits for them to leave (the socket's linger).
+        supervisor.ctx.term()
         _ended(supervisor, views, outcome)
     return outcome
 

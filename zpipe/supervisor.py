@@ -293,7 +293,10 @@ class Supervisor:
     def close(self) -> None:
         """Close its sockets (run() does, at its end)."""
         self.liveness.close()
-        self.router.close(0)
+        # Lingering: the last EXITs must reach replicas that wait for them (a
+        # replica started elsewhere gets no other word, and would give the
+        # supervisor up for lost). Messages to peers already gone are dropped.
+        self.router.close(transport.LINGER_MS)
         stop_authenticator(self.ctx)
 
     # -- loop --------------------------------------------------------------
