@@ -124,18 +124,22 @@ class Inbox(Inputs):
                 lots.finish()
                 continue
             lot = taking[0]
-            lot.to_take -= 1
             if not lot.attempt or self.careful is None:
                 # Items come in order of arrival and are finished one after the
                 # other: a lot is finished once the stage asks for the item after
-                # its last one. Nothing to note per item on the way.
-                if lot.to_take:
-                    yield item
-                    continue
+                # its last one. Its items are at the front of the buffer: handed
+                # out in a row, with nothing to note per item on the way.
                 taking.popleft()
+                rest, lot.to_take = lot.to_take - 1, 0
                 yield item
+                for _ in range(rest):
+                    if seqs:
+                        self.seq = seqs.popleft()
+                    item = self.last_item = buffer.popleft()
+                    yield item
                 lots.finished(lot)
                 continue
+            lot.to_take -= 1
             if not lot.to_take:
                 taking.popleft()
             lots.in_hand.append(lot)
