@@ -266,11 +266,12 @@ def backpressure_rss(count: int, nbytes: int, delay: float, hwm: int) -> dict:
 # -- the soak: replicas killed while a long stream goes through -----------------
 
 AGAIN_RE = re.compile(r"stage '([^']+)': (\d+) restart\(s\); (\d+) item\(s\) sent to it again")
+SUMMARY_RE = re.compile(r"pipeline \S+ — ")  # the first line of the summary (summary.py)
 RESTARTING_RE = re.compile(r"restarting replica (\S+) in ([0-9.]+) s: it (.*)")
 # What a launcher says in a run whose replicas are killed and restarted, as it should.
 EXPECTED_RE = re.compile(r"zpipe: (.*(replicas ready in|: ok after|finished: \d+ in)|"
                          r"restarting replica |replica \S+ is back \(life|stage '[^']+': \d+ "
-                         r"restart\(s\))")
+                         r"restart\(s\)|status )")
 
 
 def soak(count: int, replicas: int, kill_every: float, max_kills: int | None,
@@ -292,7 +293,8 @@ def soak(count: int, replicas: int, kill_every: float, max_kills: int | None,
             stage("source", "paced_source", params={"count": count, "seconds": min_seconds}),
             stage("relay1", "relay", replicas=replicas, **RESTART),
             stage("relay2", "relay", **RESTART),
-            stage("sink", "id_sink", params={"count": count}, stream=True)], hwm=1000) as child:
+            stage("sink", "id_sink", params={"count": count}, stream=True)], hwm=1000,
+            options=("--status-interval", "0")) as child:
         child.wait_line('"event": "start"', timeout=60)
         start = time.monotonic()
         next_kill = start + kill_every
@@ -337,7 +339,9 @@ def soak(count: int, replicas: int, kill_every: float, max_kills: int | None,
     restarting = [m.groups() for line in output if (m := RESTARTING_RE.search(line))]
     # Anything else the launcher said (zpipe's own lines, and replicas' lines that
     # are not the sink's figures): what a clean run with restarts does not print.
-    notes = [line for line in output
+    # (The summary table at the end says nothing of that: it is left out.)
+    ended = next((i for i, line in enumerate(output) if SUMMARY_RE.match(line)), len(output))
+    notes = [line for line in output[:ended]
              if not EXPECTED_RE.search(line) and "BENCH " not in line]
     # Why a failed run failed: the launcher's first line after the replicas started
     # that is neither a restart nor a stage's own output.

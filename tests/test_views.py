@@ -162,6 +162,27 @@ def test_status_and_metrics_of_a_running_pipeline_agree_with_its_counts(project)
         urllib.request.urlopen(url, timeout=5)
 
 
+def test_top_follows_a_running_pipeline_until_it_ends(project):
+    gated_pipeline(project, "followed", 500)
+    run = project.start()
+    try:
+        wait_until(lambda: project.lines("seen") == ["500"], what="every item at the sink")
+        top = subprocess.Popen([*ZPIPE, "top", "followed"], cwd=project.root,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        (project.root / "release").touch()
+        out, err = top.communicate(timeout=60)
+        code, launched = run.finish()
+    finally:
+        (project.root / "release").touch()
+        run.kill()
+    assert top.returncode == 0, err
+    assert code == 0, launched
+    # Its last frame: the pipeline as it ended, every stage in it.
+    for stage in ("source", "relay", "sink"):
+        assert re.search(rf"^ *{stage} +\d/\d", out, re.MULTILINE), out
+    assert "pipeline followed" in out
+
+
 def test_status_of_a_pipeline_that_is_not_running_says_so(project):
     result = project.run("status", "no-such-pipeline")
     assert result.returncode == 1
