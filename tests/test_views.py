@@ -169,6 +169,8 @@ def test_top_follows_a_running_pipeline_until_it_ends(project):
         wait_until(lambda: project.lines("seen") == ["500"], what="every item at the sink")
         top = subprocess.Popen([*ZPIPE, "top", "followed"], cwd=project.root,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        said = top.stderr.readline()  # once the supervisor has answered
+        assert "following the supervisor at" in said, said
         (project.root / "release").touch()
         out, err = top.communicate(timeout=60)
         code, launched = run.finish()
@@ -181,6 +183,28 @@ def test_top_follows_a_running_pipeline_until_it_ends(project):
     for stage in ("source", "relay", "sink"):
         assert re.search(rf"^ *{stage} +\d/\d", out, re.MULTILINE), out
     assert "pipeline followed" in out
+
+
+def test_status_of_a_pipeline_with_keys_needs_them(project):
+    from zpipe import security
+    gated_pipeline(project, "secret", 300)
+    security.create_keys(project.root / "keys")
+    project.toml.write_text(project.toml.read_text().replace(
+        "[pipeline]\n", '[pipeline]\nkeys = "keys"\n'))
+    run = project.start()
+    try:
+        wait_until(lambda: project.lines("seen") == ["300"], what="every item at the sink")
+        refused = project.run("status", "secret", timeout=30)
+        allowed = project.run("status", "secret", "--keys", "keys", timeout=30)
+        (project.root / "release").touch()
+        code, err = run.finish()
+    finally:
+        (project.root / "release").touch()
+        run.kill()
+    assert code == 0, err
+    assert refused.returncode == 1 and "answers only with --keys" in refused.stderr
+    assert allowed.returncode == 0, allowed.stderr
+    assert re.search(r"^ sink +1/1 ", allowed.stdout, re.MULTILINE), allowed.stdout
 
 
 def test_status_of_a_pipeline_that_is_not_running_says_so(project):

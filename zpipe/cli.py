@@ -181,6 +181,8 @@ def status(name: str | None, control: str | None, keys: str | None) -> None:
             click.echo(statuses.show(statuses.query(address, keys)), nl=False)
     except statuses.StatusError as exc:
         _fail(exc, 1)
+    except ConfigError as exc:  # a --keys folder without the pipeline's keys
+        _fail(exc)
     _exit(0)
 
 
@@ -192,9 +194,12 @@ def top(name: str | None, control: str | None, keys: str | None) -> None:
     from . import status as statuses
     try:
         address = statuses.addresses(name, control)[0]
-        statuses.top(address, keys, Console())
+        statuses.top(address, keys, Console(),
+                     say=lambda line: click.echo(f"zpipe: {line}", err=True))
     except statuses.StatusError as exc:
         _fail(exc, 1)
+    except ConfigError as exc:
+        _fail(exc)
     except KeyboardInterrupt:
         pass
     _exit(0)

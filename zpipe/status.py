@@ -9,6 +9,7 @@ shown as the live view's table (liveview.py).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -66,13 +67,17 @@ def query(address: str, keys: str | None = None, timeout: float = ANSWER_TIMEOUT
         sock.connect(address)
         deadline = time.monotonic() + timeout
         while True:
-            sock.send(protocol.pack(protocol.STATUS))
+            # A DEALER blocks a send until a connection is up, which one the
+            # supervisor refuses (keys) never is: never wait on it.
+            with contextlib.suppress(zmq.Again):
+                sock.send(protocol.pack(protocol.STATUS), zmq.NOBLOCK)
             # Asked again now and then: answers are rate-limited, and the first
             # question may go before the connection is up.
             wait = min(0.5, deadline - time.monotonic())
             if wait <= 0:
                 raise StatusError(f"no answer from the supervisor at {address} within "
-                                  f"{timeout:g} s (is the pipeline running?)")
+                                  f"{timeout:g} s (is the pipeline running? one with keys "
+                                  f"answers only with --keys)")
             if sock.poll(int(wait * 1000) + 1):
                 try:
                     kind, fields = protocol.unpack(sock.recv())
@@ -110,12 +115,15 @@ def addresses(name: str | None, control: str | None) -> list[str]:
 
 
 def top(address: str, keys: str | None, console: Any,
-        stop: Callable[[], bool] = lambda: False) -> None:
-    """Show ``address``'s snapshot live until it ends, stops answering, or ``stop()``."""
+        stop: Callable[[], bool] = lambda: False,
+        say: Callable[[str], None] = lambda line: None) -> None:
+    """Show ``address``'s snapshot live until it ends, stops answering, or ``stop()``;
+    ``say`` hears once that the supervisor has answered."""
     from rich.live import Live
 
     from .liveview import frame
     snapshot = query(address, keys)
+    say(f"following the supervisor at {address} (Ctrl-C to leave)")
     with Live(frame(snapshot, console.width), console=console, transient=False,
               auto_refresh=False) as live:
         while not stop():
