@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Iterable
+from typing import Callable, Iterable
 
 import pytest
 
@@ -247,18 +247,19 @@ def test_run_restarts_a_replica_in_either_mode(tmp_path, mode, stage):
 
 # -- replicas started elsewhere (containers) -------------------------------------------------
 
-def test_a_new_life_whose_heartbeat_comes_before_its_hello_is_welcomed(project):
-    """A replica started again by its host: its heartbeat thread may speak before its
-    main thread says hello. That beat is not the dead life waking up (which is told
-    ABORT): the hello that follows is answered with WELCOME, and the run goes on."""
-    import msgpack
-    import zmq
+def supervised_relay(project, count: int, control: int | None = None
+                     ) -> tuple[Callable[[str], subprocess.Popen], subprocess.Popen]:
+    """source -> relay (restart on) -> sink on tcp, under `zpipe supervise`, each
+    replica started as a container engine would: a way to start one, and the
+    supervisor (started)."""
     from test_launcher import free_ports
-    from zpipe.codec import PROTOCOL_VERSION
 
-    control, relay, sink = free_ports(3)
+    ports = free_ports(3 if control is None else 2)
+    control = ports.pop() if control is None else control
+    relay, sink = ports
     project.pipeline(toml(
-        'name = "source"\nrun = "stages:numbers"\nparams = { count = 3000, pause = 0.001 }',
+        f'name = "source"\nrun = "stages:numbers"\nparams = {{ count = {count}, '
+        f'pause = 0.001 }}',
         f'name = "relay"\nrun = "stages:relay"\nrestart = "on-failure"\n'
         f'address = "tcp://127.0.0.1:{relay}"',
         f'name = "sink"\nrun = "stages:record"\nparams = {{ path = "out.txt" }}\n'
@@ -271,6 +272,20 @@ def test_a_new_life_whose_heartbeat_comes_before_its_hello_is_welcomed(project):
                                 cwd=project.root)
     supervisor = subprocess.Popen([*zpipe_cmd, "supervise", str(project.toml)],
                                   cwd=project.root, stderr=subprocess.PIPE, text=True)
+    return replica, supervisor
+
+
+def test_a_new_life_whose_heartbeat_comes_before_its_hello_is_welcomed(project):
+    """A replica started again by its host: its heartbeat thread may speak before its
+    main thread says hello. That beat is not the dead life waking up (which is told
+    ABORT): the hello that follows is answered with WELCOME, and the run goes on."""
+    import msgpack
+    import zmq
+    from test_launcher import free_ports
+    from zpipe.codec import PROTOCOL_VERSION
+
+    control = free_ports(1)[0]
+    replica, supervisor = supervised_relay(project, 3000, control)
     said: list[str] = []
     reader = threading.Thread(target=lambda: said.extend(supervisor.stderr), daemon=True)
     reader.start()
@@ -299,7 +314,7 @@ def test_a_new_life_whose_heartbeat_comes_before_its_hello_is_welcomed(project):
                                  {"pid": os.getpid(), "host": "test", "version":
                                   PROTOCOL_VERSION}]))
         assert main.poll(20_000), "no answer to the hello"
-        version, kind, fields = msgpack.unpackb(main.recv())
+        _, kind, fields = msgpack.unpackb(main.recv())
         assert kind == "welcome", (kind, fields)
         main.close()
         beat.close()
@@ -323,23 +338,7 @@ def test_a_new_life_whose_heartbeat_comes_before_its_hello_is_welcomed(project):
 def test_a_replica_started_again_by_its_host_rejoins(project):
     """Under `zpipe supervise`, the container engine restarts what dies: the new
     replica says hello under the same name and takes its place."""
-    from test_launcher import free_ports
-
-    control, relay, sink = free_ports(3)
-    project.pipeline(toml(
-        'name = "source"\nrun = "stages:numbers"\nparams = { count = 4000, pause = 0.001 }',
-        f'name = "relay"\nrun = "stages:relay"\nrestart = "on-failure"\n'
-        f'address = "tcp://127.0.0.1:{relay}"',
-        f'name = "sink"\nrun = "stages:record"\nparams = {{ path = "out.txt" }}\n'
-        f'address = "tcp://127.0.0.1:{sink}"',
-        extra=f'control = "tcp://127.0.0.1:{control}"'), STAGES)
-    zpipe_cmd = [sys.executable, "-m", "zpipe"]
-
-    def replica(stage: str) -> subprocess.Popen:
-        return subprocess.Popen([*zpipe_cmd, "stage", str(project.toml), stage],
-                                cwd=project.root)
-    supervisor = subprocess.Popen([*zpipe_cmd, "supervise", str(project.toml)],
-                                  cwd=project.root, stderr=subprocess.PIPE, text=True)
+    replica, supervisor = supervised_relay(project, 4000)
     procs = {name: replica(name) for name in ("source", "relay", "sink")}
     try:
         wait_until(lambda: (project.root / "half").exists(), what="half the items sent")
