@@ -121,6 +121,9 @@ def test_json_logs_carry_zpipe_lines_and_the_stages_own(project):
     assert {"time", "level", "pipeline", "stage", "replica", "message"} <= set(said[0])
     assert any(r["replica"] == "sink-0" and r["message"] == "got 3" for r in said)
     assert any(r["replica"] is None and "ok after" in r["message"] for r in said)
+    summary = records[-1]
+    assert summary["message"] == "summary"
+    assert summary["summary"]["counts"]["sink"] == {"received": 5, "sent": 0}
 
 
 def test_status_and_metrics_of_a_running_pipeline_agree_with_its_counts(project):

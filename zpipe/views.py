@@ -77,11 +77,12 @@ class Views:
                    f"{replica:<{width}} | {text}", text, target)
 
     def _line(self, level: str, replica: str | None, plain: str, message: str,
-              target: IO[str]) -> None:
+              target: IO[str], **extra: Any) -> None:
         if self.json:
             stage = replica.rsplit("-", 1)[0] if replica else None
             plain = json.dumps({"time": time.time(), "level": level, "pipeline": self.pipeline,
-                                "stage": stage, "replica": replica, "message": message})
+                                "stage": stage, "replica": replica, "message": message,
+                                **extra})
         with self.lock:
             if self.live is not None:
                 self.live.print_line(plain)
@@ -156,7 +157,9 @@ class Views:
             return
         from . import summary as summaries
         if self.json:
-            self._line("info", None, "", json.dumps(summaries.to_json(summary)), self.err)
+            # The summary's figures as an object of their own, beside the message.
+            self._line("info", None, "", "summary", self.err,
+                       summary=summaries.to_json(summary))
         else:
             with self.lock:
                 self.err.write(summaries.render(summary, width=_width(self.err)))
