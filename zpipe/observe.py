@@ -44,6 +44,8 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from . import protocol
+
 # Upper bounds (seconds) of the time-per-item buckets: 1 us to 100 s, six a decade
 # (a quantile is interpolated within one: about 20 % at worst).
 BUCKETS: tuple[float, ...] = tuple(
@@ -317,7 +319,7 @@ class Observer:
                     e2e = e2e or Histogram()
                     e2e.merge(h)
             replicas.append({"name": r.name, "replica": r.replica, "up": is_up, "pid": r.pid,
-                             "host": getattr(r, "host", None),
+                             "host": r.host,
                              "received": r.total("received") - r.total("markers_received"),
                              "sent": r.total("sent") - r.total("markers_sent"), **figures})
         # What waits at its input: what the stage before sent and it has not taken
@@ -360,7 +362,6 @@ class Observer:
         never drops what it sends, so a peer that asks and never reads must not
         make the supervisor hold much.
         """
-        from . import protocol
         try:
             kind, _ = protocol.unpack(data)
         except ValueError:
