@@ -9,8 +9,18 @@ import statistics
 import sys
 
 from . import peers, raw, scenarios
-from .report import (Best, Row, bounded, failed, gbps, megabytes, micros, rate, seconds,
-                     versus)
+from .report import (
+    Best,
+    Row,
+    bounded,
+    failed,
+    gbps,
+    megabytes,
+    micros,
+    rate,
+    seconds,
+    versus,
+)
 
 MB10 = 10 * 2**20
 

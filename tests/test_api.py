@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import pytest
+from conftest import wait_until
 
 import zpipe
-from conftest import wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MODES = ["process", "thread"]

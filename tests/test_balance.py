@@ -8,14 +8,14 @@ import re
 
 import msgpack
 import zmq
-
-from zpipe import balance, codec, transport
-from zpipe.control import Control
-from zpipe.delivery import Lots
-from zpipe.inbox import Inbox
-
 from conftest import wait_until
 from test_launcher import toml
+
+from zpipe.replica import balance
+from zpipe.replica.control import Control
+from zpipe.replica.delivery import Lots
+from zpipe.replica.inbox import Inbox
+from zpipe.wire import codec, transport
 
 
 def _replicas(ctx: zmq.Context, count: int, hwm: int = 100):

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_launcher import toml
 
 STAGES = """
@@ -251,6 +250,7 @@ def test_a_module_leaving_a_thread_does_not_keep_validate(project):
 def test_ipc_paths_too_long_for_the_temporary_folder(project, tmp_path, command):
     import os
     import subprocess
+
     from conftest import ZPIPE
     tmpdir = tmp_path / ("t" * max(1, 100 - len(str(tmp_path))))
     tmpdir.mkdir()
@@ -299,12 +299,13 @@ def in_process(tmp_path, monkeypatch):
 
 
 def check(path: Path) -> None:
-    from zpipe import config, launcher
+    from zpipe import config
+    from zpipe.supervision import launcher
     launcher.check(config.load(path))
 
 
 def good_keys(folder: Path) -> Path:
-    from zpipe import security
+    from zpipe.wire import security
     security.create_keys(folder)
     return folder
 
@@ -337,6 +338,7 @@ KEY_DAMAGE = {
 @pytest.mark.parametrize("damage", list(KEY_DAMAGE))
 def test_damaged_keys_are_refused_by_the_check(in_process, damage):
     import shutil
+
     from zpipe.errors import ConfigError
     keys = good_keys(in_process.root / "keys")
     path = in_process('keys = "keys"')
@@ -359,6 +361,7 @@ def test_damaged_keys_are_refused_by_the_check(in_process, damage):
 def test_blocking_import_is_bounded_in_process(in_process):
     import signal
     import time
+
     from zpipe.errors import ConfigError
     (in_process.root / "sleepy_cli_mod.py").write_text(
         "import time\ntime.sleep(60)\ndef numbers(count):\n    yield 1\ndef sink(x):\n    pass\n")
@@ -376,6 +379,7 @@ def test_blocking_import_is_bounded_in_process(in_process):
 
 def test_file_descriptors_for_the_replicas(in_process, monkeypatch):
     import resource
+
     from zpipe import preflight
     from zpipe.errors import ConfigError
     path = in_process()

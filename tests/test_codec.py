@@ -1,4 +1,4 @@
-"""Unit tests of zpipe.codec: items on the wire, msgpack header plus one frame per array."""
+"""Unit tests of zpipe.wire.codec: items on the wire, msgpack header plus one frame per array."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import zmq
 
-from zpipe import codec
-from zpipe.codec import PROTOCOL_VERSION, DecodeError
 from zpipe.errors import EncodeError
+from zpipe.wire import codec
+from zpipe.wire.codec import PROTOCOL_VERSION, DecodeError
 
 
 def roundtrip(item):
@@ -1006,8 +1006,8 @@ def test_an_array_over_max_size_fails_before_it_is_copied():
 
 
 def test_the_outbox_names_the_stage_that_refuses_an_array_before_copying_it():
-    from zpipe.control import Control
-    from zpipe.outbox import Outbox
+    from zpipe.replica.control import Control
+    from zpipe.replica.outbox import Outbox
 
     ctx = zmq.Context()
     try:

@@ -824,7 +824,8 @@ def fuzz_project(tmp_path, monkeypatch):
     """A folder as a user has it: the stage module, good keys and garbage keys."""
     import importlib
     import sys
-    from zpipe import security
+
+    from zpipe.wire import security
     (tmp_path / f"{FUZZ_MODULE}.py").write_text(FUZZ_STAGES)
     security.create_keys(tmp_path / "keys")
     (tmp_path / "badkeys").mkdir()
@@ -874,7 +875,7 @@ def test_fuzzed_files_give_config_error_or_pass(fuzz_project, request):
 
     import zmq
 
-    from zpipe import launcher
+    from zpipe.supervision import launcher
 
     path = fuzz_project / "pipeline.toml"
     for seed in FUZZ_SEEDS:  # the seeds themselves are good

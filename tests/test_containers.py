@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import netns
 import pytest
 import yaml
-
-import netns
 from conftest import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ import msgpack
 import numpy as np
 import pytest
 
-from zpipe import deadletters
-from zpipe.deadletters import append, make_record, read
+from zpipe.replica import deadletters
+from zpipe.replica.deadletters import append, make_record, read
 
 FAILED = {"exc_type": "ValueError", "message": "bad item", "traceback": "Traceback ...\n"}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from zpipe.codec import DecodeError
-from zpipe.delivery import Lots, Outstanding, lease_frame, read_lease
+from zpipe.replica.delivery import Lots, Outstanding, lease_frame, read_lease
+from zpipe.wire.codec import DecodeError
 
 
 def test_lease_frames_round_trip_and_garbage_is_a_decode_error():

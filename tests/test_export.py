@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from zpipe import load
-from zpipe.export import compose
+from zpipe.deploy.export import compose
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def test_kubernetes_manifests_give_every_replica_a_stable_name():
 
 def test_compose_restarts_the_stages_that_ask_for_it(tmp_path):
     from zpipe.config import load
-    from zpipe.export import compose
+    from zpipe.deploy.export import compose
 
     path = tmp_path / "pipeline.toml"
     path.write_text('[pipeline]\nname = "p"\n[[stages]]\nname = "a"\nrun = "m:f"\n'

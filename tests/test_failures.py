@@ -9,17 +9,17 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from test_launcher import free_ports
 
 import zpipe
-from zpipe import failures, protocol
-from zpipe.codec import PROTOCOL_VERSION
-from zpipe.api import raise_failure
+from zpipe.api.pipeline import raise_failure
 from zpipe.config import PipelineSpec, StageSpec
-from zpipe.failures import Failure
-from zpipe.processes import Remote
-from zpipe.supervisor import Supervisor
-
-from test_launcher import free_ports
+from zpipe.replica import failures
+from zpipe.replica.failures import Failure
+from zpipe.supervision.processes import Remote
+from zpipe.supervision.supervisor import Supervisor
+from zpipe.wire import protocol
+from zpipe.wire.codec import PROTOCOL_VERSION
 
 
 class BrokenStr(Exception):

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from zpipe.health import Health
+from zpipe.watch.health import Health
 
 
 def ask(port: int, path: str, method: str = "GET") -> tuple[int, str, dict[str, str]]:

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from zpipe.httpd import serve
+from zpipe.watch.httpd import serve
 
 
 class Hello(BaseHTTPRequestHandler):

@@ -12,18 +12,18 @@ from typing import Any, Iterable, Iterator
 
 import pytest
 import zmq
+from conftest import wait_until
 
 import zpipe
-from conftest import wait_until
-from zpipe import protocol, shapes
-from zpipe.api import Task, spec_from_tasks
-from zpipe.deadletters import read
+from zpipe.api.pipeline import Task, spec_from_tasks
 from zpipe.errors import ConfigError, EncodeError
-from zpipe.itempolicy import Tally
-from zpipe.runtime import Heartbeat
-from zpipe.shapes import Body
-from zpipe.stuck import CallWatch
-
+from zpipe.replica import shapes
+from zpipe.replica.deadletters import read
+from zpipe.replica.itempolicy import Tally
+from zpipe.replica.runtime import Heartbeat
+from zpipe.replica.shapes import Body
+from zpipe.replica.stuck import CallWatch
+from zpipe.wire import protocol
 
 # -- stages (module level, as users write them) ---------------------------------------
 

@@ -395,6 +395,7 @@ def test_supervise_reports_a_replica_that_vanishes_and_stops_the_rest(project):
     import signal
     import subprocess
     import sys
+
     from conftest import wait_until
     env = separate_processes(project, 0, source="endless")
     supervisor = subprocess.Popen([sys.executable, "-m", "zpipe", "supervise", str(project.toml)],
@@ -423,6 +424,7 @@ def test_supervise_goes_on_when_one_of_several_replicas_vanishes(project):
     import signal
     import subprocess
     import sys
+
     from conftest import wait_until
     env = separate_processes(project, 3000, source="paced")
     supervisor = subprocess.Popen([sys.executable, "-m", "zpipe", "supervise", str(project.toml)],

@@ -1,4 +1,4 @@
-"""Unit tests of zpipe.liveview: the live table on a terminal, status lines elsewhere."""
+"""Unit tests of zpipe.watch.liveview: the live table on a terminal, status lines elsewhere."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from zpipe.liveview import LiveView, StatusLines
+from zpipe.watch.liveview import LiveView, StatusLines
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

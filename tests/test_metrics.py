@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zpipe.metrics import Exporter
-from zpipe.observe import BUCKETS, Histogram
+from zpipe.watch.metrics import Exporter
+from zpipe.watch.observe import BUCKETS, Histogram
 
 
 def histogram(*seconds: float) -> dict[str, Any]:

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import zpipe
-from zpipe.observe import BUCKETS, Histogram, Times, quantile
+from zpipe.watch.observe import BUCKETS, Histogram, Times, quantile
 
 
 def test_a_quantile_falls_in_the_bucket_of_its_rank():

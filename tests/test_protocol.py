@@ -1,4 +1,4 @@
-"""Unit tests of zpipe.protocol: control messages between supervisor and replicas."""
+"""Unit tests of zpipe.wire.protocol: control messages between supervisor and replicas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import msgpack
 import pytest
 
-from zpipe import protocol
-from zpipe.codec import PROTOCOL_VERSION
+from zpipe.wire import protocol
+from zpipe.wire.codec import PROTOCOL_VERSION
 
 KINDS = [protocol.HELLO, protocol.READY, protocol.RECEIVED, protocol.ERROR, protocol.DONE,
          protocol.HEARTBEAT, protocol.START, protocol.DRAIN, protocol.STOP, protocol.EXIT,
@@ -68,9 +68,9 @@ def test_a_peer_of_another_version_is_a_clear_error(tmp_path):
     import msgpack
     import zmq
 
-    from zpipe import codec as wire
     from zpipe.config import PipelineSpec, StageSpec
-    from zpipe.supervisor import Supervisor
+    from zpipe.supervision.supervisor import Supervisor
+    from zpipe.wire import codec as wire
 
     class NoProcesses:
         def exited(self):
@@ -176,7 +176,6 @@ def test_malformed_messages_are_counted_logged_and_dropped(project):
     import sys
 
     import zmq
-
     from test_launcher import free_ports, toml
 
     control, relay = free_ports(2)
@@ -414,7 +413,7 @@ def _acceptable(link: str, frames: list[bytes]) -> bool:
     """Whether a message may be a valid data message on ``link``: "plain" (untagged),
     "into-ordered" (every tag [seq, LAST]) or "after-ordered" (tagged: whether it is
     valid depends on what came before, so any tagged one may be)."""
-    from zpipe import codec
+    from zpipe.wire import codec
 
     try:
         _, tags = codec.decode_tagged(frames)
@@ -432,7 +431,7 @@ def malformed_for(link: str, count: int, seed: int) -> list[list[bytes]]:
     test_codec, valid messages of the other kinds of link, then seeded random ones."""
     from test_codec import MALFORMED, Wrong
 
-    from zpipe import codec
+    from zpipe.wire import codec
 
     candidates = [frames for _, frames in MALFORMED]
     candidates += [codec.encode(["plain"]), codec.encode(["tagged"], [[0, codec.TAG_LAST]]),
@@ -450,8 +449,8 @@ def malformed_for(link: str, count: int, seed: int) -> list[list[bytes]]:
 def _inbox(ctx, name: str):
     import zmq
 
-    from zpipe.control import Control
-    from zpipe.inbox import Inbox
+    from zpipe.replica.control import Control
+    from zpipe.replica.inbox import Inbox
 
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     pull.bind(f"inproc://{name}")
@@ -472,7 +471,7 @@ def _take_all(push, inbox, messages) -> list:
 def test_a_plain_link_drops_tagged_and_malformed_messages():
     import zmq
 
-    from zpipe import codec
+    from zpipe.wire import codec
 
     garbage = malformed_for("plain", 300, seed=11)
     ctx = zmq.Context()
@@ -489,8 +488,8 @@ def test_a_plain_link_drops_tagged_and_malformed_messages():
 def test_the_input_of_an_ordered_stage_takes_only_numbered_inputs():
     import zmq
 
-    from zpipe import codec
-    from zpipe.outbox import Outbox
+    from zpipe.replica.outbox import Outbox
+    from zpipe.wire import codec
 
     last = codec.TAG_LAST
     ctx = zmq.Context()
@@ -513,8 +512,8 @@ def test_the_input_of_an_ordered_stage_takes_only_numbered_inputs():
 def test_the_input_after_an_ordered_stage_takes_only_what_fits_its_order():
     import zmq
 
-    from zpipe import codec
-    from zpipe.inbox import Reorder
+    from zpipe.replica.inbox import Reorder
+    from zpipe.wire import codec
 
     last, marker = codec.TAG_LAST, codec.TAG_MARKER
     ctx = zmq.Context()

@@ -11,10 +11,10 @@ import threading
 from typing import Callable, Iterable
 
 import pytest
-
-import zpipe
 from conftest import processes_mentioning, wait_until
 from test_launcher import toml
+
+import zpipe
 
 STAGES = """
 import os, time
@@ -282,7 +282,8 @@ def test_a_new_life_whose_heartbeat_comes_before_its_hello_is_welcomed(project):
     import msgpack
     import zmq
     from test_launcher import free_ports
-    from zpipe.codec import PROTOCOL_VERSION
+
+    from zpipe.wire.codec import PROTOCOL_VERSION
 
     control = free_ports(1)[0]
     replica, supervisor = supervised_relay(project, 3000, control)

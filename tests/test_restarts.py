@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from zpipe.restarts import FIRST_BACKOFF, MAX_BACKOFF, RestartPolicy
+from zpipe.supervision.restarts import FIRST_BACKOFF, MAX_BACKOFF, RestartPolicy
 
 
 def test_backoff_doubles_from_a_tenth_of_a_second_to_five():

@@ -7,14 +7,14 @@ import time
 
 import pytest
 import zmq
-
-from zpipe import codec, inbox as inbox_module, protocol
-from zpipe.control import Control
-from zpipe.errors import EncodeError
-from zpipe.inbox import Inbox, Reorder
-from zpipe.outbox import Outbox
-
 from test_launcher import toml
+
+from zpipe.errors import EncodeError
+from zpipe.replica import inbox as inbox_module
+from zpipe.replica.control import Control
+from zpipe.replica.inbox import Inbox, Reorder
+from zpipe.replica.outbox import Outbox
+from zpipe.wire import codec, protocol
 
 HANDSHAKE_STAGES = """
 import os, time

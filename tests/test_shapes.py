@@ -1,4 +1,4 @@
-"""Unit tests of zpipe.shapes: import, classify, check and drive a stage's callable."""
+"""Unit tests of zpipe.replica.shapes: import, classify, check and drive a stage's callable."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Any, Iterable, Iterator
 import pytest
 
 import zpipe
-from zpipe import shapes
 from zpipe.errors import ConfigError
-from zpipe.shapes import Body, Callee, Inputs, Shape, classify
+from zpipe.replica import shapes
+from zpipe.replica.shapes import Body, Callee, Inputs, Shape, classify
 
 WHERE = "pipeline.toml: stage 'st'"
 
@@ -466,7 +466,7 @@ def test_ctrl_c_during_import_is_not_a_config_error(module_dir):
 
 def test_import_timeout_passes_through(module_dir):
     # preflight.time_limit raises it inside a blocked import and reports it itself.
-    module_dir("timed_out_mod", "from zpipe.shapes import ImportTimeout\n"
+    module_dir("timed_out_mod", "from zpipe.replica.shapes import ImportTimeout\n"
                                 "raise ImportTimeout('late')\n")
     with pytest.raises(shapes.ImportTimeout):
         shapes.import_target("timed_out_mod:f", module_dir.folder, WHERE)

@@ -1,4 +1,4 @@
-"""Unit tests of zpipe.summary: the end-of-run table, its plain text, its JSON, the bottleneck."""
+"""Unit tests of zpipe.watch.summary: the end-of-run table, its plain text, its JSON, the bottleneck."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from rich.table import Table
 
-from zpipe import summary
-from zpipe.observe import Histogram
+from zpipe.watch import summary
+from zpipe.watch.observe import Histogram
 
 
 def hist(*observations: tuple[float, int]) -> dict[str, Any]:

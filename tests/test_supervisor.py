@@ -11,10 +11,10 @@ import sys
 import time
 
 import pytest
-
 from conftest import processes_mentioning, wait_until
-from zpipe.codec import PROTOCOL_VERSION as VERSION
 from test_launcher import finished_lines, toml
+
+from zpipe.wire.codec import PROTOCOL_VERSION as VERSION
 
 STAGES = """
 import ctypes, json, os, signal, time
@@ -318,7 +318,6 @@ def test_strangers_on_the_control_socket_never_stop_a_pipeline(project):
     counted and logged, whatever protocol version or fields it claims."""
     import msgpack
     import zmq
-
     from test_launcher import free_ports, toml
 
     control = free_ports(1)[0]
@@ -373,8 +372,8 @@ def test_a_replica_message_with_wrong_fields_is_ignored_not_acted_on(tmp_path):
     import zmq
 
     from zpipe.config import PipelineSpec, StageSpec
-    from zpipe.processes import Remote
-    from zpipe.supervisor import Supervisor
+    from zpipe.supervision.processes import Remote
+    from zpipe.supervision.supervisor import Supervisor
 
     spec = PipelineSpec(name="p", stages=(StageSpec(name="src", run="m:f"),
                                           StageSpec(name="sink", run="m:g")), grace=1)

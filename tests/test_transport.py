@@ -7,7 +7,7 @@ import socket
 import pytest
 import zmq
 
-from zpipe import transport
+from zpipe.wire import transport
 
 
 @pytest.fixture

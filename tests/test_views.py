@@ -189,7 +189,7 @@ def test_top_follows_a_running_pipeline_until_it_ends(project):
 
 
 def test_status_of_a_pipeline_with_keys_needs_them(project):
-    from zpipe import security
+    from zpipe.wire import security
     gated_pipeline(project, "secret", 300)
     security.create_keys(project.root / "keys")
     project.toml.write_text(project.toml.read_text().replace(

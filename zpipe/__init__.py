@@ -5,13 +5,13 @@ The public API is what this module exports; every other module is private.
 
 from typing import TYPE_CHECKING, Any
 
+from .api.stage import Stage
 from .config import PipelineSpec, StageSpec, load
 from .errors import ConfigError, EncodeError, StageError, ZpipeError
-from .stage import Stage
 
 if TYPE_CHECKING:
-    from .api import Pipeline, Task, run
-    from .supervisor import Outcome
+    from .api.pipeline import Pipeline, Task, run
+    from .supervision.supervisor import Outcome
 
 __all__ = ["ConfigError", "EncodeError", "Outcome", "Pipeline", "PipelineSpec", "Stage",
            "StageError", "StageSpec", "Task", "ZpipeError", "load", "run"]
@@ -23,9 +23,9 @@ def __getattr__(name: str) -> Any:
     # first use: stage processes started by `zpipe launch` never need them and
     # start faster.
     if name in ("Pipeline", "Task", "run"):
-        from . import api
+        from .api import pipeline as api
         return getattr(api, name)
     if name == "Outcome":
-        from .supervisor import Outcome
+        from .supervision.supervisor import Outcome
         return Outcome
     raise AttributeError(f"module 'zpipe' has no attribute {name!r}")

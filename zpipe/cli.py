@@ -87,7 +87,7 @@ def _view_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _views(options: dict[str, Any]) -> Any:
-    from .views import ViewOptions
+    from .watch.views import ViewOptions
     return ViewOptions(**options)
 
 
@@ -99,7 +99,7 @@ def _views(options: dict[str, Any]) -> Any:
 @_view_options
 def launch(file: str, grace: float | None, **view: Any) -> None:
     """Run the pipeline described in FILE (a pipeline.toml) on this host."""
-    from . import launcher
+    from .supervision import launcher
     try:
         outcome = launcher.launch(file, grace=grace, view=_views(view))
     except ConfigError as exc:
@@ -111,8 +111,8 @@ def launch(file: str, grace: float | None, **view: Any) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 def validate(file: str) -> None:
     """Check FILE, its imports and params without running anything; print the plan."""
-    from . import launcher
     from .config import placeholder_runtime_dir
+    from .supervision import launcher
     try:
         spec = load(file)
         callees = launcher.check(spec)
@@ -134,7 +134,7 @@ def validate(file: str) -> None:
               help="Answer /livez and /readyz on this port (for a container engine's probes).")
 def stage(file: str, name: str, replica: int, health_port: int | None) -> None:
     """Run one replica of stage NAME of FILE (what `launch` starts for each replica)."""
-    from . import worker
+    from .replica import worker
     try:
         status = worker.run_stage_process(apply_environment(load(file), os.environ), name,
                                           replica, health_port)
@@ -154,7 +154,7 @@ def supervise(file: str, grace: float | None, **view: Any) -> None:
     Every replica runs as `zpipe stage FILE NAME --replica I`; addresses are the
     file's tcp ones, or ZPIPE_CONTROL and ZPIPE_ADDRESS_<STAGE> from the environment.
     """
-    from . import launcher
+    from .supervision import launcher
     try:
         outcome = launcher.supervise(file, grace=grace, view=_views(view))
     except ConfigError as exc:
@@ -175,7 +175,7 @@ def _status_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @_status_options
 def status(name: str | None, control: str | None, keys: str | None) -> None:
     """Print what a running pipeline is doing: NAME on this host, or --control anywhere."""
-    from . import status as statuses
+    from .watch import status as statuses
     try:
         for address in statuses.addresses(name, control):
             click.echo(statuses.show(statuses.query(address, keys)), nl=False)
@@ -191,7 +191,8 @@ def status(name: str | None, control: str | None, keys: str | None) -> None:
 def top(name: str | None, control: str | None, keys: str | None) -> None:
     """Show a running pipeline live until it ends (Ctrl-C to leave)."""
     from rich.console import Console
-    from . import status as statuses
+
+    from .watch import status as statuses
     try:
         address = statuses.addresses(name, control)[0]
         statuses.top(address, keys, Console(),
@@ -211,7 +212,7 @@ def top(name: str | None, control: str | None, keys: str | None) -> None:
 def probe(port: int, ready: bool) -> None:
     """Ask this host's health PORT (`zpipe stage/supervise --health-port`): exit 0 if it
     answers 200, 1 otherwise (a container healthcheck)."""
-    from .health import probe as ask
+    from .watch.health import probe as ask
     status, text = ask(port, "/readyz" if ready else "/livez")
     click.echo(text.rstrip(), err=status != 200)
     _exit(0 if status == 200 else 1)
@@ -229,7 +230,7 @@ def export() -> None:
 @click.option("--image", default=None, help="Image every service runs (default: zpipe-NAME).")
 def export_compose(file: str, output: Any, image: str | None) -> None:
     """A docker-compose.yml running each replica of FILE as its own service."""
-    from .export import compose
+    from .deploy.export import compose
     _export(compose, file, output, image)
 
 
@@ -248,7 +249,7 @@ def _export(render: Any, file: str, output: Any, image: str | None) -> None:
 @click.option("--image", default=None, help="Image every pod runs (default: zpipe-NAME).")
 def export_k8s(file: str, output: Any, image: str | None) -> None:
     """Kubernetes manifests: a headless Service and a StatefulSet per stage."""
-    from .export import kubernetes
+    from .deploy.export import kubernetes
     _export(kubernetes, file, output, image)
 
 
@@ -256,7 +257,7 @@ def export_k8s(file: str, output: Any, image: str | None) -> None:
 @click.argument("folder", type=click.Path(file_okay=False))
 def keys(folder: str) -> None:
     """Make the CurveZMQ key pairs a pipeline's `keys = "FOLDER"` names."""
-    from . import security
+    from .wire import security
     for path in security.create_keys(folder):
         click.echo(str(path))
 
@@ -267,7 +268,7 @@ def keys(folder: str) -> None:
               help="Also print the first N items of each stage, with their exception.")
 def dead_letters(folder: str, show: int) -> None:
     """List the dead letters in FOLDER: per stage, how many, of which exception types."""
-    from . import deadletters
+    from .replica import deadletters
     if not os.path.isdir(folder):
         _fail(ConfigError(f"{folder}: no such folder of dead letters"))
     try:
@@ -290,7 +291,7 @@ def replay(folder: str, stage_name: str, file: str) -> None:
 
     Items that fail again are dead-lettered anew; exit status as for launch.
     """
-    from .replay import replay as run_replay
+    from .supervision.replay import replay as run_replay
     try:
         status = run_replay(folder, stage_name, file)
     except ConfigError as exc:

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from . import shapes
 from .config import PipelineSpec, check_ipc_paths, placeholder_runtime_dir
 from .errors import ConfigError
-from .shapes import Callee
+from .replica import shapes
+from .replica.shapes import Callee
 
 EXIT_BAD_INPUT = 2  # as cli.EXIT_BAD_INPUT: bad file or usage
 # After the alarm, a module that swallowed the ImportTimeout is interrupted
@@ -140,7 +140,7 @@ def check_keys(spec: PipelineSpec) -> None:
     import zmq
     import zmq.auth
 
-    from .security import Curve
+    from .wire.security import Curve
     assert spec.keys is not None
     folder = Path(spec.keys)
     at = f"{spec.where}: [pipeline] field 'keys'"

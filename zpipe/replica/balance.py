@@ -30,8 +30,8 @@ from typing import Any
 import msgpack
 import zmq
 
+from ..wire.transport import NOBLOCK, POLLIN, SNDMORE, peer_id, send_frame
 from .delivery import Outstanding, lease_frame
-from .transport import NOBLOCK, POLLIN, SNDMORE, peer_id, send_frame
 
 FIRST_CREDITS = 2
 MIN_WINDOW = 1      # always one message waiting: the next starts without a round trip

@@ -44,7 +44,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from . import protocol
+from ..wire import protocol
 
 # Upper bounds (seconds) of the time-per-item buckets: 1 us to 100 s, six a decade
 # (a quantile is interpolated within one: about 20 % at worst).
@@ -282,7 +282,7 @@ class Observer:
         for index, st in enumerate(sup.stages):
             stages.append(self._stage(index, st, counts, old[index] if index < len(old)
                                       else (0, 0), span, now))
-        from .summary import bottleneck  # the analysis reads the snapshot itself
+        from .summary import bottleneck
         snapshot = {"pipeline": sup.spec.name, "state": state or self._state(),
                     "elapsed": now - sup.started_at, "time": time.time(),
                     "total": self.total, "stages": stages, "bottleneck": None}

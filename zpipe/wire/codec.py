@@ -33,7 +33,7 @@ from typing import Any
 import msgpack
 from zmq import COPY_THRESHOLD
 
-from .errors import EncodeError
+from ..errors import EncodeError
 
 PROTOCOL_VERSION = 4  # docs/protocol.md, Versioning
 EXT_ARRAY = 1

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import StageError
+from ..errors import StageError
 
 MAX_TEXT = 64 * 1024  # characters of a message or traceback that travel
 MAX_ARGS_BYTES = 64 * 1024

@@ -15,13 +15,13 @@ from typing import Any
 
 import zmq
 
-from . import codec
+from ..errors import EncodeError
+from ..watch.observe import Times
+from ..wire import codec
+from ..wire.transport import NOBLOCK, send_frame
 from .balance import Dispatcher
 from .control import Control, SourceStopped
-from .errors import EncodeError
 from .inbox import IDLE_POLL_MS, Inbox
-from .observe import Times
-from .transport import NOBLOCK, send_frame
 
 BATCH_ITEMS = 1000
 # Credits count messages, not items (see balance.py): into a replicated stage,

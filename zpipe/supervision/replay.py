@@ -22,9 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from . import deadletters
-from .config import PipelineSpec, StageSpec, apply_environment, load
-from .errors import ConfigError
+from ..config import PipelineSpec, StageSpec, apply_environment, load
+from ..errors import ConfigError
+from ..replica import deadletters
 
 SOURCE_NAME = "replay"
 
@@ -40,7 +40,9 @@ def replay(folder: str | os.PathLike[str], stage: str, path: str | os.PathLike[s
     Raises ConfigError (nothing has run, nothing was moved) for a bad pipeline
     file, an unknown stage, or no (readable) dead letters of that stage in ``folder``.
     """
-    from . import api, launcher, shapes
+    from ..api import pipeline as api
+    from ..replica import shapes
+    from . import launcher
 
     spec = apply_environment(load(path), os.environ)
     index = spec.index(stage)  # ConfigError for an unknown stage
@@ -111,7 +113,7 @@ def replay_spec(spec: PipelineSpec, index: int, letters: Path) -> PipelineSpec:
     name, n = SOURCE_NAME, 2
     while name in names:
         name, n = f"{SOURCE_NAME}-{n}", n + 1
-    source = StageSpec(name=name, run="zpipe.deadletters:replay_items",
+    source = StageSpec(name=name, run="zpipe.replica.deadletters:replay_items",
                        params={"path": str(letters)}, target=deadletters.replay_items)
     return replace(spec, stages=(source, *spec.stages[index:]))
 

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import deadletters, failures, protocol
+from ..wire import protocol
+from . import deadletters, failures
 from .delivery import Poisoned
 from .failures import Failure
 from .stuck import CallWatch, StuckCall, stuck_message

@@ -19,15 +19,20 @@ import threading
 from pathlib import Path
 from typing import IO, Callable
 
-from .config import PipelineSpec, apply_environment, check_ipc_paths, load, plan_addresses
-from .errors import ConfigError
+from ..config import (
+    PipelineSpec,
+    apply_environment,
+    check_ipc_paths,
+    load,
+    plan_addresses,
+)
+from ..errors import ConfigError
+from ..replica.shapes import Callee
+from ..replica.worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
+from ..watch.views import ViewOptions, Views
 from .janitor import Janitor
 from .processes import Processes, Remote
-from .shapes import Callee
 from .supervisor import Outcome, Supervisor, Workers, signals_stop
-from .views import ViewOptions, Views
-from .worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
-
 
 
 def check(spec: PipelineSpec) -> list[Callee]:
@@ -37,7 +42,7 @@ def check(spec: PipelineSpec) -> list[Callee]:
     bounded by startup_timeout (zpipe.preflight): for the command line only,
     as a module stuck in C code ends the process with exit status 2.
     """
-    from . import preflight
+    from .. import preflight
     return preflight.check(spec)
 
 

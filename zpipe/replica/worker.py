@@ -18,11 +18,11 @@ from typing import Any
 
 import zmq
 
+from ..config import Addresses, PipelineSpec, StageSpec, plan_addresses
+from ..errors import ConfigError
+from ..wire.security import Curve, stop_authenticator
 from . import shapes
-from .config import Addresses, PipelineSpec, StageSpec, plan_addresses
-from .errors import ConfigError
 from .runtime import EXIT_TERMINATED, Heartbeat, Replica, Wiring
-from .security import Curve, stop_authenticator
 
 ENV_RUNTIME_DIR = "ZPIPE_RUNTIME_DIR"
 ENV_PARENT_PID = "ZPIPE_PARENT_PID"
@@ -78,7 +78,7 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int,
     callee = shapes.resolve_stage(spec, spec.index(stage_name))
     health = None
     if health_port is not None:
-        from .health import Health
+        from ..watch.health import Health
         health = Health()
         try:
             health.start(health_port)

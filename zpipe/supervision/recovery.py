@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from . import protocol
+from ..wire import protocol
 from .restarts import RestartPolicy
 
 if TYPE_CHECKING:

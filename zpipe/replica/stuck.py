@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import zmq
 
-from . import protocol
+from ..wire import protocol
 from .failures import safe_text
 
 INTERRUPT_GRACE = 3.0  # seconds an interrupted call has to come back before the process ends

@@ -13,7 +13,7 @@ from typing import Callable
 
 import zmq
 
-from . import liveness
+from ..supervision import liveness
 from .security import Curve
 
 # Nothing may hang at exit: a socket drops what it could not deliver after

@@ -21,8 +21,8 @@ from typing import Any
 
 import zmq
 
-from . import protocol
-from .security import Curve
+from ..wire import protocol
+from ..wire.security import Curve
 
 ADDRESS_FILE = "address"  # in the runtime folder: the control address (launcher.py)
 ANSWER_TIMEOUT = 3.0

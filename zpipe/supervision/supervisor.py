@@ -30,16 +30,16 @@ from typing import Any, Callable, Iterator, Protocol
 
 import zmq
 
-from . import losses, protocol, transport
-from .codec import PROTOCOL_VERSION
-from .config import PipelineSpec
-from . import liveness
-from .failures import Failure
+from ..config import PipelineSpec
+from ..replica.failures import Failure
+from ..replica.itempolicy import Tally, stuck_failure, stuck_report
+from ..watch.observe import Observer
+from ..wire import protocol, transport
+from ..wire.codec import PROTOCOL_VERSION
+from ..wire.security import Curve, stop_authenticator
+from . import liveness, losses
 from .liveness import Liveness
-from .itempolicy import Tally, stuck_failure, stuck_report
-from .observe import Observer
 from .recovery import Recovery
-from .security import Curve, stop_authenticator
 
 TICK_MS = 100
 ABORT_WAIT = 3.0      # after ABORT, how long before SIGTERM

@@ -22,13 +22,14 @@ from typing import Callable
 
 import zmq
 
-from . import balance, codec, failures, protocol, transport
-from .delivery import Lots
+from ..watch.observe import Histogram, Times
+from ..wire import codec, protocol, transport
+from ..wire.security import Curve
+from . import balance, failures
 from .control import Aborted, Control, SourceStopped
+from .delivery import Lots
 from .inbox import Inbox, Reorder
 from .outbox import BATCH_ITEMS_REPLICATED, Outbox
-from .observe import Histogram, Times
-from .security import Curve
 from .shapes import Body, Callee
 from .stuck import CallWatch
 

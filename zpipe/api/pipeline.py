@@ -29,16 +29,23 @@ from typing import Any, Callable, Iterator, Sequence
 
 import zmq
 
-from . import losses, shapes, worker
-from .config import (Addresses, PipelineSpec, check_ipc_paths, from_dict, plan_addresses,
-                     with_overrides)
-from .errors import ConfigError
-from .failures import rebuild
-from .janitor import Janitor
-from .preflight import check_keys
-from .processes import ForkedHandle, Processes, Threads
-from .security import stop_authenticator
-from .supervisor import Outcome, Supervisor, signals_stop
+from ..config import (
+    Addresses,
+    PipelineSpec,
+    check_ipc_paths,
+    from_dict,
+    plan_addresses,
+    with_overrides,
+)
+from ..errors import ConfigError
+from ..preflight import check_keys
+from ..replica import shapes, worker
+from ..replica.failures import rebuild
+from ..supervision import losses
+from ..supervision.janitor import Janitor
+from ..supervision.processes import ForkedHandle, Processes, Threads
+from ..supervision.supervisor import Outcome, Supervisor, signals_stop
+from ..wire.security import stop_authenticator
 
 log = logging.getLogger("zpipe")
 

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import zmq
 
-from . import protocol
-from .transport import NOBLOCK, POLLIN
+from ..wire import protocol
+from ..wire.transport import NOBLOCK, POLLIN
 
 log = logging.getLogger("zpipe")
 

@@ -12,13 +12,13 @@ from typing import Any, Callable, Iterator
 
 import zmq
 
-from . import codec, protocol
+from ..watch.observe import Times
+from ..wire import codec, protocol
+from ..wire.transport import NOBLOCK, POLLIN
 from .balance import Lender
-from .delivery import Lot, Lots, Poisoned, read_lease
 from .control import Control
-from .observe import Times
+from .delivery import Lot, Lots, Poisoned, read_lease
 from .shapes import Inputs
-from .transport import NOBLOCK, POLLIN
 
 log = logging.getLogger("zpipe")
 

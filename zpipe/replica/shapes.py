@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sized
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 if typing.TYPE_CHECKING:
-    from .config import PipelineSpec
+    from ..config import PipelineSpec
     from .itempolicy import ItemErrors, Policy
-from .stage import Stage
+from ..api.stage import Stage
 
 
 class Shape(enum.Enum):
@@ -245,7 +245,7 @@ def _with_policy(spec: "PipelineSpec", index: int, callee: Callee, where: str) -
     from .itempolicy import Policy
     letters = None
     if stage.on_error == "dead-letter":
-        from .config import DEFAULT_DEAD_LETTERS
+        from ..config import DEFAULT_DEAD_LETTERS
         from .deadletters import path_for
         letters = path_for(spec.dead_letters or (spec.base_dir or Path.cwd()) /
                            DEFAULT_DEAD_LETTERS, stage.name)

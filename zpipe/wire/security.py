@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def create_keys(folder: str | Path) -> list[Path]:

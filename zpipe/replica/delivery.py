@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import msgpack
 
-from .codec import DecodeError
+from ..wire.codec import DecodeError
 
 
 def lease_frame(seq: int, generation: int, attempt: int = 0) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .config import ENV_CONTROL, PipelineSpec, address_variable
+from ..config import ENV_CONTROL, PipelineSpec, address_variable
 
 DATA_PORT = 5555
 CONTROL_PORT = 5600

@@ -1,0 +1,1 @@
+"""Pipelines from Python; what users import is re-exported by ``zpipe`` itself."""

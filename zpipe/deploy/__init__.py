@@ -1,0 +1,1 @@
+"""A pipeline as files for container engines and clusters."""

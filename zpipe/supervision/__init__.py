@@ -1,0 +1,1 @@
+"""Starting replicas, watching that they live, and driving a run to its end."""

@@ -1,0 +1,1 @@
+"""A running pipeline seen from outside: snapshots, views, status, metrics and health."""

@@ -1,0 +1,1 @@
+"""What crosses a socket: the item codec, control messages, sockets and their keys."""
