@@ -150,3 +150,26 @@ def project(tmp_path: Path):
         except ProcessLookupError:
             pass
     assert not leftovers, f"processes left running: {leftovers}"
+
+
+# A pipeline with GPUs, resources, volumes and a stage that restarts: what the
+# exporters (test_compose.py, test_kubernetes.py) turn into each engine's terms.
+GPU_PIPELINE = """
+[pipeline]
+name = "gpu-pipe"
+[[stages]]
+name = "frames"
+run = "m:f"
+[[stages]]
+name = "infer"
+run = "m:g"
+replicas = 3
+restart = "on-failure"
+max_restarts = 4
+resources = { cpu = "2", memory = "4Gi", gpu = 1 }
+volumes = ["out/masks", "logs"]
+[[stages]]
+name = "sink"
+run = "m:h"
+resources = { cpu = "500m", memory = "512M" }
+"""

@@ -92,7 +92,7 @@ def test_missing_file_and_unknown_stage(project):
     result = project.run("stage", str(project.toml), "cube")
     assert result.returncode == 2 and "no stage named 'cube'" in result.stderr
     result = project.run("stage", str(project.toml), "square", "--replica", "5")
-    assert result.returncode == 2 and "--replica must be 0 to 1" in result.stderr
+    assert result.returncode == 2 and "--replica (or $ZPIPE_REPLICA) must be 0 to 1" in result.stderr
 
 
 def test_usage_errors_exit_2(project):

@@ -6,7 +6,8 @@ import math
 import os
 import sys
 import threading
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import click
 
@@ -129,7 +130,9 @@ def validate(file: str) -> None:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.argument("name")
 @click.option("--replica", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Which replica of the stage this process is.")
+              envvar="ZPIPE_REPLICA",
+              help="Which replica of the stage this process is (or $ZPIPE_REPLICA: a "
+                   "Kubernetes pod's index, see `zpipe export k8s`).")
 @click.option("--health-port", type=click.IntRange(0, 65535), default=None,
               help="Answer /livez and /readyz on this port (for a container engine's probes).")
 def stage(file: str, name: str, replica: int, health_port: int | None) -> None:
@@ -223,34 +226,75 @@ def export() -> None:
     """Write deployment files for a pipeline."""
 
 
+def _context_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--context", type=click.Path(file_okay=False), default=".",
+                        show_default=True,
+                        help="The folder the image is built from: FILE's path inside the "
+                             "image is its path from there.")(command)
+
+
+def _output_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    return click.option("-o", "--output", type=click.File("w"), default="-",
+                        show_default=True, help=f"Where to write {what}.")
+
+
 @export.command("compose")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.File("w"), default="-", show_default=True,
-              help="Where to write docker-compose.yml.")
+@_output_option("docker-compose.yml")
 @click.option("--image", default=None, help="Image every service runs (default: zpipe-NAME).")
-def export_compose(file: str, output: Any, image: str | None) -> None:
+@_context_option
+def export_compose(file: str, output: Any, image: str | None, context: str) -> None:
     """A docker-compose.yml running each replica of FILE as its own service."""
-    from .deploy.export import compose
-    _export(compose, file, output, image)
-
-
-def _export(render: Any, file: str, output: Any, image: str | None) -> None:
-    try:
-        spec = load(file)
-    except ConfigError as exc:
-        _fail(exc)
-    output.write(render(spec, file, image or f"zpipe-{spec.name}:latest"))
+    from .deploy.compose import compose
+    spec = _load_for_export(file)
+    _write(output, lambda: compose(spec, file, _image(spec, image), context))
 
 
 @export.command("k8s")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.File("w"), default="-", show_default=True,
-              help="Where to write the manifests.")
+@_output_option("the manifests")
 @click.option("--image", default=None, help="Image every pod runs (default: zpipe-NAME).")
-def export_k8s(file: str, output: Any, image: str | None) -> None:
-    """Kubernetes manifests: a headless Service and a StatefulSet per stage."""
-    from .deploy.export import kubernetes
-    _export(kubernetes, file, output, image)
+@click.option("-n", "--namespace", default=None,
+              help="Put every object in this namespace (default: kubectl's).")
+@_context_option
+def export_k8s(file: str, output: Any, image: str | None, namespace: str | None,
+               context: str) -> None:
+    """Kubernetes manifests: a ConfigMap, and per stage a headless Service plus an
+    Indexed Job ([pipeline] service = true: a StatefulSet)."""
+    from .deploy.kubernetes import kubernetes
+    spec = _load_for_export(file)
+    _write(output, lambda: kubernetes(spec, file, _image(spec, image), context, namespace))
+
+
+@export.command("dockerfile")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_output_option("the Dockerfile")
+@_context_option
+def export_dockerfile(file: str, output: Any, context: str) -> None:
+    """A Dockerfile for FILE's folder of stages (and its requirements.txt) on the zpipe image."""
+    from .deploy.dockerfile import dockerfile
+    spec = _load_for_export(file)
+    _write(output, lambda: dockerfile(spec, file, context))
+
+
+def _load_for_export(file: str) -> Any:
+    try:
+        return load(file)
+    except ConfigError as exc:
+        _fail(exc)
+
+
+def _image(spec: Any, image: str | None) -> str:
+    return image or f"zpipe-{spec.name.lower()}:latest"
+
+
+def _write(output: Any, render: Callable[[], str]) -> None:
+    # Rendered whole before anything is written: a refused export leaves no half file.
+    try:
+        text = render()
+    except ConfigError as exc:
+        _fail(exc)
+    output.write(text)
 
 
 @main.command()

@@ -13,10 +13,12 @@ import reprlib
 import sys
 import tempfile
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from .deploy.resources import Resources, parse_resources, parse_volumes
 from .errors import ConfigError
 
 DEFAULT_HWM = 100
@@ -67,10 +69,10 @@ TCP_RE = re.compile(r"tcp://(?P<host>[A-Za-z0-9._{}-]+|\[[0-9A-Za-z:.%]+\]):(?P<
 
 REPLICA = "{replica}"
 PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivity_timeout",
-                 "keys", "max_message_size", "dead_letters"}
+                 "keys", "max_message_size", "dead_letters", "service"}
 STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered",
               "max_message_size", "restart", "max_restarts", "restart_window", "on_error",
-              "max_errors", "item_timeout", "total"}
+              "max_errors", "item_timeout", "total", "resources", "volumes"}
 
 # Resilience (README: "When replicas fail").
 RESTART_POLICIES = ("no", "on-failure")
@@ -102,6 +104,10 @@ class StageSpec:
     max_errors: int | None = None    # skipped or dead-lettered items beyond this fail the run
     item_timeout: float | None = None  # a call on one item running longer is a stuck call
     total: int | None = None         # a source's count of items (the live view's progress)
+    # Deployment only (deploy/resources.py): what a replica asks of its machine,
+    # and the folders it writes that should outlive its container.
+    resources: Resources | None = None
+    volumes: tuple[str, ...] = ()
     # The callable itself, for pipelines declared in Python (zpipe.Task);
     # ``run`` is then only a label.
     target: Any = field(default=None, compare=False, repr=False)
@@ -132,6 +138,9 @@ class PipelineSpec:
     dead_letters: Path | None = None  # where on_error = "dead-letter" appends items
     base_dir: Path | None = None
     path: Path | None = None
+    # The source never ends (a camera, a queue): deployed as services that are
+    # kept running, not as jobs that complete (deploy/kubernetes.py).
+    service: bool = False
 
     def leased(self, index: int) -> bool:
         """Whether the link into stage ``index`` acknowledges each message (delivery.py).
@@ -244,6 +253,10 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
         raise ConfigError(f"{at} field 'dead_letters' must be a folder (got "
                           f"{_shown(dead_letters)})")
 
+    service = pipeline.get("service", False)
+    if not isinstance(service, bool):
+        raise ConfigError(f"{at} field 'service' must be true or false (got {_shown(service)})")
+
     raw_stages = data.get("stages")
     if not isinstance(raw_stages, list) or not raw_stages:
         raise ConfigError(f"{where}: no stages: add at least one [[stages]] table")
@@ -271,7 +284,8 @@ def from_dict(data: dict[str, Any], where: str = "pipeline", base_dir: Path | No
         dead_letters = (base_dir or Path.cwd()) / (dead_letters or DEFAULT_DEAD_LETTERS)
     return PipelineSpec(name=name, stages=tuple(stages), hwm=hwm, grace=grace, control=control,
                         startup_timeout=startup, inactivity_timeout=inactivity, keys=keys,
-                        dead_letters=dead_letters, base_dir=base_dir, path=path)
+                        dead_letters=dead_letters, base_dir=base_dir, path=path,
+                        service=service)
 
 
 # The fields of a loaded spec that zpipe.run may change (``with_overrides``).
@@ -379,11 +393,14 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any,
             raise ConfigError(f"{label}: field 'total' counts the items a source sends; only "
                               f"the first stage has one")
         total = _count_field(raw, "total", 0, label, MAX_TOTAL)
+    resources = parse_resources(raw.get("resources"), label)
+    volumes = parse_volumes(raw.get("volumes"), label)
     return StageSpec(name=name, run=run, params=params, replicas=replicas, hwm=hwm,
                      stream=stream, address=address, ordered=ordered, target=target,
                      max_message_size=max_size, restart=restart, max_restarts=max_restarts,
                      restart_window=restart_window, on_error=on_error, max_errors=max_errors,
-                     item_timeout=item_timeout, total=total)
+                     item_timeout=item_timeout, total=total, resources=resources,
+                     volumes=volumes)
 
 
 def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:

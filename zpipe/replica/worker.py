@@ -65,7 +65,8 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int,
     stage = spec.stage(stage_name)
     if not 0 <= replica < stage.replicas:
         raise ConfigError(f"{spec.where}: stage {stage_name!r} has {stage.replicas} replica(s); "
-                          f"--replica must be 0 to {stage.replicas - 1} (got {replica})")
+                          f"--replica (or $ZPIPE_REPLICA) must be 0 to {stage.replicas - 1} "
+                          f"(got {replica})")
     parent = os.environ.get(ENV_PARENT_PID)
     become_replica_process(int(parent) if parent else None)
     runtime_dir = os.environ.get(ENV_RUNTIME_DIR)
