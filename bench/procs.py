@@ -191,3 +191,53 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         pass
     return None
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time of process ``pid`` so far (user + system, all its threads), in
+    seconds; None once it has gone. Read from the process's CPU-time clock
+    (what clock_getcpuclockid(pid) gives: nanoseconds, as CLOCK_PROCESS_CPUTIME_ID
+    in the process itself), else from /proc/PID/stat (clock ticks, 10 ms)."""
+    try:
+        return time.clock_gettime(((~pid) << 3) | 2)  # MAKE_PROCESS_CPUCLOCK(pid, SCHED)
+    except (OSError, OverflowError, AttributeError):
+        pass
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+
+
+def cpu_of(pids: dict[str, int]) -> dict[str, float | None]:
+    """cpu_seconds of each named process."""
+    return {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+
+def cpu_used(before: dict[str, float | None], after: dict[str, float | None]) -> float:
+    """CPU seconds the named processes used between two cpu_of() readings; every
+    one must have been readable both times (a process gone is an error, not 0)."""
+    missing = [name for name in before if before[name] is None or after.get(name) is None]
+    if missing or set(before) != set(after):
+        raise RuntimeError(f"CPU time not readable for {', '.join(missing) or 'some process'}")
+    return sum(after[name] - before[name] for name in before)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that were free a moment ago."""
+    import socket
+
+    probes = []
+    try:
+        for _ in range(count):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            probes.append(probe)
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()

@@ -12,6 +12,21 @@ Kinds of item on the wire:
   latency  the same with a monotonic timestamp; the source pauses between items
   array    a float32 array as its own frame (copy=False) next to a msgpack header
   mnp      the same array inside msgpack (msgpack-numpy)
+  frame    `bytes` items, each one frame sent with copy=False and received with
+           copy=False; the relay forwards the very Frame it received
+  batched  small items, up to BATCH items per message: the message is a msgpack
+           array of the items, each packed on its own (the bytes zpipe's header
+           holds, without its version). The source packs each item as it comes
+           and sends the batch at BATCH items, or once its oldest item has waited
+           BATCH_WAIT (zpipe's wait); a relay unpacks the message in one call,
+           calls the identity on each item, packs each output and sends them
+           on at once, so it never holds an item (latency stays bounded); the
+           sink unpacks each message and goes through its items one by one.
+
+Links are ipc (`--transport tcp` in the driver: tcp on 127.0.0.1, free ports).
+With `--gated`, the source waits for a line on its stdin before its first item
+and the sink keeps running after its report until its stdin closes: the driver
+reads every node's CPU time before the first item and after the last.
 """
 
 from __future__ import annotations
@@ -25,9 +40,11 @@ import time
 import msgpack
 import zmq
 
-from .procs import Child, python_module, rss_mb
+from .procs import MARKER, Child, cpu_of, cpu_used, free_ports, python_module, rss_mb
 
 END = b""
+BATCH = 1000           # items per message of the batched chain (issue 14)
+BATCH_WAIT = 0.001     # the batched source sends a partial batch after this (zpipe's)
 
 
 # -- the nodes (run in their own processes) ------------------------------------
@@ -82,6 +99,10 @@ def _items(args):
         for i in range(args.count):
             yield {"id": i, "t": time.monotonic_ns(), "payload": "x" * 60}
             time.sleep(args.pause)
+    elif args.kind == "frame":
+        data = b"\xa5" * args.nbytes  # one immutable object, sent again and again
+        for _ in range(args.count):
+            yield data
     else:
         import numpy as np
 
@@ -99,23 +120,70 @@ def _report(**fields) -> None:
     print("BENCH " + json.dumps(fields), flush=True)
 
 
+def _ready(args) -> None:
+    print("READY", flush=True)
+    if args.gated and args.role == "source":
+        sys.stdin.readline()  # the driver has read every node's CPU time
+
+
 def source(ctx, args) -> None:
     push = _socket(ctx, zmq.PUSH, args.hwm)
     push.connect(args.out)
-    print("READY", flush=True)
-    for item in _items(args):
-        _send(push, args.kind, item)
+    _ready(args)
+    if args.kind == "batched":
+        _batched_source(push, args)
+    elif args.kind == "frame":
+        send = push.send
+        for item in _items(args):
+            send(item, copy=False)
+    else:
+        for item in _items(args):
+            _send(push, args.kind, item)
     push.send(END)
     _hold()
+
+
+def _batched_source(push: zmq.Socket, args) -> None:
+    packer = msgpack.Packer()
+    pack, header, join, send = packer.pack, packer.pack_array_header, b"".join, push.send
+    clock = time.monotonic
+    batch: list[bytes] = []
+    oldest = 0.0
+    for i in range(args.count):
+        if not batch:
+            oldest = clock()
+        batch.append(pack({"id": i, "payload": "x" * 60, "v": 1.5}))
+        if len(batch) >= BATCH or clock() - oldest >= BATCH_WAIT:
+            send(header(len(batch)) + join(batch))
+            batch = []
+    if batch:
+        send(header(len(batch)) + join(batch))
+
+
+def identity(item):
+    """The relay's stage function: a Python call per item, as zpipe's relay makes."""
+    return item
 
 
 def relay(ctx, args) -> None:
     pull, push = _socket(ctx, zmq.PULL, args.hwm), _socket(ctx, zmq.PUSH, args.hwm)
     pull.bind(args.inp)
     push.connect(args.out)
-    print("READY", flush=True)
-    while (item := _recv(pull, args.kind)) is not None:
-        _send(push, args.kind, item)
+    _ready(args)
+    if args.kind == "batched":
+        packer = msgpack.Packer()
+        pack, header, join = packer.pack, packer.pack_array_header, b"".join
+        unpackb, recv, send, call = msgpack.unpackb, pull.recv, push.send, identity
+        while message := recv():
+            outputs = [pack(call(item)) for item in unpackb(message)]
+            send(header(len(outputs)) + join(outputs))
+    elif args.kind == "frame":
+        recv, send = pull.recv, push.send
+        while len(frame := recv(copy=False)):
+            send(frame, copy=False)  # the very Frame received: no copy
+    else:
+        while (item := _recv(pull, args.kind)) is not None:
+            _send(push, args.kind, item)
     push.send(END)
     _hold()
 
@@ -123,7 +191,18 @@ def relay(ctx, args) -> None:
 def sink(ctx, args) -> None:
     pull = _socket(ctx, zmq.PULL, args.hwm)
     pull.bind(args.inp)
-    print("READY", flush=True)
+    _ready(args)
+    if args.kind == "batched":
+        _batched_sink(pull, args)
+    elif args.kind == "frame":
+        _frame_sink(pull, args)
+    else:
+        _sink(pull, args)
+    if args.gated:
+        _hold()  # alive until the driver has read its CPU time
+
+
+def _sink(pull: zmq.Socket, args) -> None:
     clock = time.perf_counter
     count = nbytes = 0
     first = last = None
@@ -141,6 +220,43 @@ def sink(ctx, args) -> None:
     _report(count=count, nbytes=nbytes, seconds=seconds,
             rate=(count - 1) / seconds if seconds > 0 else None,
             latencies_ns=latencies[args.warmup:])
+
+
+def _frame_sink(pull: zmq.Socket, args) -> None:
+    """The sink of `bytes` frames: what _sink does, bytes counted with len()."""
+    clock = time.perf_counter
+    count = nbytes = 0
+    first = last = None
+    recv = pull.recv
+    while len(item := recv(copy=False)):
+        last = clock()
+        nbytes += len(item)
+        if count == 0:
+            first = last
+        count += 1
+    seconds = (last - first) if count else 0.0
+    _report(count=count, nbytes=nbytes, seconds=seconds,
+            rate=(count - 1) / seconds if seconds > 0 else None, latencies_ns=[])
+
+
+def _batched_sink(pull: zmq.Socket, args) -> None:
+    """The sink of the batched chain: each message unpacked in one call, then its
+    items gone through one by one, doing what the other sinks do per item."""
+    clock = time.perf_counter
+    unpackb, recv = msgpack.unpackb, pull.recv
+    count = nbytes = 0
+    first = last = None
+    while message := recv():
+        for item in unpackb(message):
+            last = clock()
+            if hasattr(item, "nbytes"):  # never here: the same test as the other sinks
+                nbytes += item.nbytes
+            if count == 0:
+                first = last
+            count += 1
+    seconds = (last - first) if count else 0.0
+    _report(count=count, nbytes=nbytes, seconds=seconds,
+            rate=(count - 1) / seconds if seconds > 0 else None, latencies_ns=[])
 
 
 def ping(ctx, args) -> None:
@@ -168,7 +284,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.raw", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("role", choices=sorted(ROLES))
-    parser.add_argument("--kind", choices=["small", "latency", "array", "mnp"], default="small")
+    parser.add_argument("--kind", choices=["small", "latency", "array", "mnp", "frame", "batched"],
+                        default="small")
     parser.add_argument("--in", dest="inp")
     parser.add_argument("--out")
     parser.add_argument("--count", type=int, default=1000)
@@ -176,6 +293,9 @@ def main() -> None:
     parser.add_argument("--nbytes", type=int, default=10 * 2**20)
     parser.add_argument("--pause", type=float, default=0.002)
     parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--gated", action="store_true",
+                        help="the source waits for a line on stdin; the sink holds after its "
+                             "report (the driver reads CPU times around the stream)")
     args = parser.parse_args()
     ctx = zmq.Context()
     try:
@@ -197,12 +317,30 @@ def _node(role: str, opts: list[str], **addresses: str) -> Child:
 
 def _run(nodes_spec, opts: list[str], timeout: float) -> dict:
     """Start the nodes in the order given (each after the previous is ready);
-    once the reporting node (the first) is done, let the others go; its result."""
+    once the reporting node (the first) is done, let the others go; its result.
+
+    With ``--gated`` in ``opts`` (the source last, the sink first): every node's
+    CPU time is read once all are ready, the source told to go, and read again
+    once the sink has reported (every node still running): ``cpu_s`` in the
+    result is what the nodes used in between, ``cpu_nodes_s`` per node."""
     children: list[Child] = []
+    gated = "--gated" in opts
     try:
         for role, addresses in nodes_spec:
             children.append(_node(role, opts, **addresses))
         deadline = time.monotonic() + timeout
+        cpu = {}
+        if gated:
+            pids = {f"{i}-{role}": c.pid for i, ((role, _), c) in
+                    enumerate(zip(nodes_spec, children))}
+            before = cpu_of(pids)
+            children[-1].popen.stdin.write(b"go\n")
+            children[-1].popen.stdin.flush()
+            children[0].wait_line(MARKER, timeout=timeout)
+            after = cpu_of(pids)
+            cpu = {"cpu_s": cpu_used(before, after),
+                   "cpu_nodes_s": {name: after[name] - before[name] for name in pids}}
+            children[0].popen.stdin.close()
         for child in children:
             status = child.wait(max(0.1, deadline - time.monotonic()))
             if status != 0:
@@ -210,22 +348,28 @@ def _run(nodes_spec, opts: list[str], timeout: float) -> dict:
             if child is children[0]:
                 for other in children[1:]:
                     other.popen.stdin.close()
-        return children[0].result()
+        return {**children[0].result(), **cpu}
     finally:
         for child in children:
             child.__exit__(None, None, None)
 
 
 def _opts(kind: str, count: int, hwm: int = 1000, nbytes: int = 10 * 2**20,
-          pause: float = 0.002, warmup: int = 0) -> list[str]:
+          pause: float = 0.002, warmup: int = 0, gated: bool = False) -> list[str]:
     return ["--kind", kind, "--count", str(count), "--hwm", str(hwm), "--nbytes", str(nbytes),
-            "--pause", str(pause), "--warmup", str(warmup)]
+            "--pause", str(pause), "--warmup", str(warmup), *(["--gated"] if gated else [])]
 
 
-def chain(kind: str, count: int, relays: int, timeout: float = 120, **options) -> dict:
-    """source -> `relays` relay processes -> sink; the sink's figures."""
+def chain(kind: str, count: int, relays: int, timeout: float = 120, transport: str = "ipc",
+          **options) -> dict:
+    """source -> `relays` relay processes -> sink; the sink's figures. ``transport``
+    "tcp": every link on 127.0.0.1, on free ports. ``gated=True``: the nodes' CPU
+    time from the first item to the last as well (see _run)."""
     with tempfile.TemporaryDirectory(prefix="bench-raw-") as tmp:
-        hops = [f"ipc://{tmp}/hop{i}" for i in range(relays + 1)]
+        if transport == "tcp":
+            hops = [f"tcp://127.0.0.1:{port}" for port in free_ports(relays + 1)]
+        else:
+            hops = [f"ipc://{tmp}/hop{i}" for i in range(relays + 1)]
         nodes = [("sink", {"in": hops[-1]})]
         nodes += [("relay", {"in": hops[i], "out": hops[i + 1]}) for i in reversed(range(relays))]
         nodes += [("source", {"out": hops[0]})]

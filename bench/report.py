@@ -49,6 +49,10 @@ def micros(v: float) -> str:
     return f"{v:,.0f} µs"
 
 
+def micros2(v: float) -> str:
+    return f"{v:.2f} µs"
+
+
 def seconds(v: float) -> str:
     return f"{v:.2f} s"
 
@@ -125,6 +129,7 @@ def machine() -> dict:
         "msgpack-numpy": _version("msgpack-numpy"),
         "numpy": _version("numpy"),
         "pipeline-lib": _version("pipeline-lib"),
+        "ray": _version("ray"),
     }
 
 
@@ -139,7 +144,7 @@ def text_table(rows: list[Row]) -> str:
 def markdown(rows: list[Row], info: dict, command: str) -> str:
     versions = ", ".join(f"{k} {info[k]}" for k in ("python", "zpipe", "pyzmq", "libzmq",
                                                     "msgpack", "msgpack-numpy", "numpy",
-                                                    "pipeline-lib"))
+                                                    "pipeline-lib", "ray"))
     lines = [f"Command: `{command}` (from the repository root)",
              "",
              f"- Date: {info['date']}",

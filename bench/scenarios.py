@@ -20,7 +20,17 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from .procs import Child, cmdline, descendants, python_module, rss_mb
+from .procs import (
+    Child,
+    cmdline,
+    cpu_of,
+    cpu_seconds,
+    cpu_used,
+    descendants,
+    free_ports,
+    python_module,
+    rss_mb,
+)
 
 STAGES = Path(__file__).with_name("stages.py")
 MODULE = "bench_stages"
@@ -169,6 +179,76 @@ def arrays(count: int, nbytes: int) -> dict:
         stage("relay", "relay"),
         stage("sink", "rate_sink", stream=True)], hwm=4, expect=count)
     return result
+
+
+def chain_cpu(count: int, relays: int) -> dict:
+    """source -> ``relays`` relays -> sink, the small items of small() (hwm 1000), and
+    the CPU time (user + system, every thread) the stage processes used from just
+    before the first item to just after the last: ``cpu_s`` (their sum) and
+    ``cpu_stages_s``. The source waits for the bench before its first item and
+    after its last (gated_source), so every replica is running at both readings;
+    the sink says when the last item has arrived (counted_sink). ``launcher_cpu_s``:
+    the launcher's own CPU time over the same span, not in the sum."""
+    with tempfile.TemporaryDirectory(prefix="bench-flags-") as flags:
+        go, release = os.path.join(flags, "go"), os.path.join(flags, "release")
+        stages = [stage("source", "gated_source",
+                        params={"count": count, "go": go, "release": release}),
+                  *[stage(f"relay{i + 1}", "relay") for i in range(relays)],
+                  stage("sink", "counted_sink", params={"count": count}, stream=True)]
+        with launched("chain", stages, hwm=1000) as child:
+            child.wait_line('"event": "waiting"', timeout=60)
+            pids = stage_pids(child.pid)
+            if len(pids) != len(stages):
+                raise RuntimeError(f"{len(pids)} stage processes found, {len(stages)} expected")
+            before, launcher_before = cpu_of(pids), cpu_seconds(child.pid)
+            Path(go).touch()
+            child.wait_line('"event": "arrived"', timeout=TIMEOUT)
+            after, launcher_after = cpu_of(pids), cpu_seconds(child.pid)
+            Path(release).touch()
+            status = child.wait(TIMEOUT)
+            if status != 0:
+                raise RuntimeError(f"zpipe launch chain exited {status}:\n{child.tail(30)}")
+            result = child.result()
+    if result["count"] != count:
+        raise RuntimeError(f"zpipe chain: {result['count']} items of {count} arrived")
+    return {**result, "cpu_s": cpu_used(before, after),
+            "cpu_stages_s": {name: after[name] - before[name] for name in pids},
+            "launcher_cpu_s": launcher_after - launcher_before
+            if None not in (launcher_before, launcher_after) else None}
+
+
+def sized(count: int, nbytes: int, kind: str, hwm: int) -> dict:
+    """source -> relay -> sink of ``count`` items of ``nbytes``, one object sent again
+    and again: ``kind`` "bytes" (same_bytes_source) or "array" (float32,
+    same_array_source); the sink counts items and bytes (sized_sink)."""
+    source = {"bytes": "same_bytes_source", "array": "same_array_source"}[kind]
+    result, _ = run_to_end(f"sized-{kind}", [
+        stage("source", source, params={"count": count, "nbytes": nbytes}),
+        stage("relay", "relay"),
+        stage("sink", "sized_sink", stream=True)], hwm=hwm, expect=count)
+    return result
+
+
+def arrays_tcp(count: int, nbytes: int) -> dict:
+    """arrays() with the relay and the sink on tcp addresses (127.0.0.1, free ports)."""
+    relay_port, sink_port = free_ports(2)
+    result, _ = run_to_end("arrays-tcp", [
+        stage("source", "array_source", params={"count": count, "nbytes": nbytes}),
+        stage("relay", "relay", address=f"tcp://127.0.0.1:{relay_port}"),
+        stage("sink", "rate_sink", stream=True, address=f"tcp://127.0.0.1:{sink_port}")],
+        hwm=4, expect=count)
+    return result
+
+
+def many(count: int, replicas: int) -> dict:
+    """source -> relay (``replicas`` replicas) -> sink: launch -> first item at the
+    sink, last item -> launcher exit (as startup(), one run)."""
+    result, child = run_to_end("many", [
+        stage("source", "small_source", params={"count": count}),
+        stage("relay", "relay", replicas=replicas),
+        stage("sink", "rate_sink", stream=True)], expect=count)
+    return {**result, "first_item_s": result["first_wall"] - child.started,
+            "exit_s": child.ended - result["last_wall"]}
 
 
 def latency(count: int, pause: float, warmup: int) -> dict:
@@ -357,3 +437,73 @@ def soak(count: int, replicas: int, kill_every: float, max_kills: int | None,
             "restarting_lines": len(restarting),
             "restart_delays": [float(d) for _, d, _ in restarting],
             "notes": notes, "seconds_total": (child.ended or time.time()) - child.started}
+
+
+# -- issue 15: batches, latest frames, concurrency ------------------------------------
+
+def _started(child: Child) -> float:
+    """The time.time() the source reported as it started (announce / announced_source)."""
+    return next(r["t"] for r in child.results() if r.get("event") == "start")
+
+
+def costly_stage(cost: dict, batch: dict | None) -> dict:
+    """The batching scenario's stage: costly_batch with ``batch = {...}``, or, without
+    ``batch``, costly_item (the same cost model, one item per call)."""
+    if batch is None:
+        return stage("work", "costly_item", params=cost)
+    return stage("work", "costly_batch", params=cost, batch=batch)
+
+
+def batching_rate(count: int, cost: dict, batch: dict | None) -> dict:
+    """A fast source -> the costly stage (one replica) -> rate_sink: items/s from the
+    source's start to the last item at the sink (end to end: a batched stage's
+    outputs reach the sink in bunches)."""
+    result, child = run_to_end("batching", [
+        stage("source", "stamped_source", params={"count": count, "announce": True}),
+        costly_stage(cost, batch),
+        stage("sink", "rate_sink", stream=True)], expect=count)
+    return {**result, "rate": count / (result["last_wall"] - _started(child))}
+
+
+def batching_latency(count: int, period: float, cost: dict, batch: dict | None) -> dict:
+    """One item every ``period`` s, stamped with time.time() as it is sent -> the
+    costly stage -> stamped_sink: per item, now - stamp at the sink, its call's
+    duration and when its call started (after the stamp)."""
+    result, _ = run_to_end("batching-latency", [
+        stage("source", "stamped_source", params={"count": count, "period": period}),
+        costly_stage(cost, batch),
+        stage("sink", "stamped_sink", stream=True)], expect=count)
+    return result
+
+
+def latest(count: int, fps: float, seconds: float) -> dict:
+    """frame_source at ``fps`` -> latest_look (input = "latest", ``seconds`` a call) ->
+    look_sink, with ``--summary-json``: what the stage saw at each call (the frame's
+    number, the newest number the source had produced, the frame's age) and the
+    summary's counts (source sent, stage dropped and sent)."""
+    with tempfile.TemporaryDirectory(prefix="bench-latest-") as flags:
+        newest, summary = os.path.join(flags, "newest"), os.path.join(flags, "summary.json")
+        result, _ = run_to_end("latest", [
+            stage("source", "frame_source", params={"count": count, "fps": fps, "path": newest}),
+            stage("look", "latest_look", params={"path": newest, "seconds": seconds},
+                  input="latest"),
+            stage("sink", "look_sink", stream=True)], options=("--summary-json", summary))
+        with open(summary) as f:
+            figures = {s["name"]: s for s in json.load(f)["stages"]}
+    return {**result, "produced": figures["source"]["sent"],
+            "received": figures["look"]["received"], "dropped": figures["look"]["dropped"],
+            "processed": figures["look"]["sent"]}
+
+
+def concurrency(count: int, seconds: float, calls: int, asynchronous: bool) -> dict:
+    """A fast source -> a stage whose call waits ``seconds`` (wait_thread: time.sleep on
+    ``calls`` threads; wait_async: asyncio.sleep on the replica's loop), one replica,
+    ``concurrency = calls`` -> rate_sink: items/s from the source's start to the last
+    item at the sink."""
+    waits = stage("wait", "wait_async" if asynchronous else "wait_thread",
+                  params={"seconds": seconds}, concurrency=calls)
+    result, child = run_to_end("concurrency", [
+        stage("source", "stamped_source", params={"count": count, "announce": True}),
+        waits,
+        stage("sink", "rate_sink", stream=True)], expect=count)
+    return {**result, "rate": count / (result["last_wall"] - _started(child))}

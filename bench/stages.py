@@ -8,6 +8,7 @@ neither the start-up time nor the idle RSS of the other stages.
 """
 
 import json
+import os
 import time
 from typing import Iterable
 
@@ -76,6 +77,46 @@ def bytes_source(count, nbytes):
         yield bytes(nbytes)
 
 
+def same_bytes_source(count, nbytes):
+    """One `bytes` object of ``nbytes`` (not zeros: its pages are real), sent
+    ``count`` times: the raw reference sends the same way (bench/raw.py, frame)."""
+    data = b"\xa5" * nbytes
+    for _ in range(count):
+        yield data
+
+
+def same_array_source(count, nbytes):
+    """One float32 array of ``nbytes``, sent ``count`` times (same_bytes_source's
+    twin: the small-arrays scenario compares the two)."""
+    import numpy as np
+
+    array = np.ones(nbytes // 4, dtype=np.float32)
+    for _ in range(count):
+        yield array
+
+
+def _wait_for(path, timeout, every):
+    """Until the bench creates ``path`` (it has read every replica's CPU time)."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the bench did not create {path} within {timeout} s")
+        time.sleep(every)
+
+
+def gated_source(count, go, release, timeout=60.0):
+    """small_source between two waits: before its first item, until the bench
+    creates the file ``go``; after its last, until it creates ``release`` (so
+    that no replica has ended when the bench reads their CPU times)."""
+    report(event="waiting", t=time.time())
+    _wait_for(go, timeout, 0.002)
+    for i in range(count):
+        yield small_item(i)
+    # Counted in its CPU time until the last item has arrived: a look every 10 ms
+    # costs it about 1 ms of CPU a second.
+    _wait_for(release, timeout, 0.01)
+
+
 # -- middle stages ------------------------------------------------------------
 
 def relay(item):
@@ -133,6 +174,44 @@ def rate_sink(items: Iterable):
            writable=writable)
 
 
+def counted_sink(items: Iterable, count):
+    """rate_sink, which also says when the ``count``-th item has arrived (the bench
+    then reads every replica's CPU time, before the source lets the run end)."""
+    clock = time.perf_counter
+    seen = nbytes = 0
+    first = last = first_wall = None
+    for item in items:
+        last = clock()
+        if seen == 0:
+            first, first_wall = last, time.time()
+        seen += 1
+        if hasattr(item, "nbytes"):  # a numpy array
+            nbytes += item.nbytes
+        if seen == count:
+            report(event="arrived", t=time.time())
+    seconds = (last - first) if seen else 0.0
+    report(count=seen, nbytes=nbytes, seconds=seconds,
+           rate=(seen - 1) / seconds if seconds > 0 else None,
+           first_wall=first_wall, last_wall=first_wall + seconds if seen else None)
+
+
+def sized_sink(items: Iterable):
+    """Items/s and bytes/s from the first to the last item, for `bytes` items and
+    numpy arrays alike (len() of the one, nbytes of the other)."""
+    clock = time.perf_counter
+    count = nbytes = 0
+    first = last = None
+    for item in items:
+        last = clock()
+        if count == 0:
+            first = last
+        count += 1
+        nbytes += len(item) if type(item) is bytes else item.nbytes
+    seconds = (last - first) if count else 0.0
+    report(count=count, nbytes=nbytes, seconds=seconds,
+           rate=(count - 1) / seconds if seconds > 0 else None)
+
+
 def id_sink(items: Iterable, count):
     """How often each id in range(count) arrived: every id at least once, and the
     duplicates (arrivals beyond the first); items/s from the first to the last item.
@@ -185,3 +264,109 @@ def slow_sink(items: Iterable, delay):
         time.sleep(delay)
         count += 1
     report(count=count)
+
+
+# -- issue 15: batches, latest frames, concurrency ----------------------------------
+
+def stamped_source(count, period=0.0, announce=False):
+    """``count`` small items, each stamped with the time.time() of its send (``t``);
+    one every ``period`` s on a schedule (start + i * period: a late item does not
+    push the next ones back), or as fast as the pipeline takes them (0). ``announce``:
+    report when it starts (end-to-end rates)."""
+    if announce:
+        report(event="start", t=time.time())
+    start = time.monotonic()
+    for i in range(count):
+        if period:
+            ahead = start + i * period - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+        yield {"id": i, "t": time.time(), "payload": "x" * 60}
+
+
+def costly_batch(items, per_call, per_item):
+    """A batched call (batch = {...}): ``per_call`` + ``per_item`` x len(items) seconds;
+    each output carries its call's start and end (time.time()) and its batch's size."""
+    start = time.time()
+    time.sleep(per_call + per_item * len(items))
+    end = time.time()
+    return [{**item, "call": [start, end], "n": len(items)} for item in items]
+
+
+def costly_item(item, per_call, per_item):
+    """costly_batch's cost model, one item per call: ``per_call`` + ``per_item`` s."""
+    start = time.time()
+    time.sleep(per_call + per_item)
+    return {**item, "call": [start, time.time()], "n": 1}
+
+
+def stamped_sink(items: Iterable):
+    """Per item: now - its send stamp (``latencies``, seconds), and for an item that
+    went through costly_batch or costly_item, its call's duration and its batch's size."""
+    latencies, calls, before, sizes = [], [], [], []
+    for item in items:
+        now = time.time()
+        latencies.append(now - item["t"])
+        call = item.get("call")
+        calls.append(call[1] - call[0] if call else None)
+        before.append(call[0] - item["t"] if call else None)
+        sizes.append(item.get("n"))
+    report(count=len(latencies), latencies=latencies, calls=calls, before=before, sizes=sizes)
+
+
+def _say(path, value):
+    """Write ``value`` to ``path`` as JSON, replaced whole (a reader never sees half)."""
+    with open(path + ".tmp", "w") as out:
+        out.write(json.dumps(value))
+    os.replace(path + ".tmp", path)
+
+
+def _newest(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return -1
+
+
+def frame_source(count, fps, path):
+    """``count`` frames at ``fps`` a second (on a schedule), each a dict with its
+    sequence number and its send time (time.time()). Before handing a frame on, the
+    source writes its number to ``path``: the newest frame produced so far."""
+    start = time.monotonic()
+    for i in range(count):
+        ahead = start + i / fps - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+        _say(path, i)
+        yield {"seq": i, "t": time.time()}
+
+
+def latest_look(frame, path, seconds):
+    """An input = "latest" stage: as its call gets a frame, how far behind the newest
+    produced frame it is (``newest`` from the source's file, and the frame's age by
+    its send time); then ``seconds`` of work."""
+    newest = _newest(path)
+    age = time.time() - frame["t"]
+    time.sleep(seconds)
+    return {"seq": frame["seq"], "newest": newest, "age": age}
+
+
+def look_sink(items: Iterable):
+    """What latest_look saw at each call, in order."""
+    seen = [[item["seq"], item["newest"], item["age"]] for item in items]
+    report(count=len(seen), seen=seen)
+
+
+def wait_thread(item, seconds):
+    """A call that waits ``seconds`` (time.sleep: a thread, with concurrency = N)."""
+    time.sleep(seconds)
+    return item
+
+
+async def wait_async(item, seconds):
+    """A call that awaits ``seconds`` (asyncio.sleep: a task on the replica's loop)."""
+    import asyncio  # here: no other stage process pays for the import
+
+    await asyncio.sleep(seconds)
+    return item

@@ -15,7 +15,7 @@ import time
 import msgpack
 import zmq
 
-VERSION = 4
+VERSION = 5
 FIRST_CREDITS = 2
 
 

@@ -1,4 +1,5 @@
-"""Unit tests of zpipe.wire.codec: items on the wire, msgpack header plus one frame per array."""
+"""Unit tests of zpipe.wire.codec: items on the wire, a msgpack header plus one frame per
+large array and per large bytes item (small arrays inline, in the header)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,10 @@ import zmq
 from zpipe.errors import EncodeError
 from zpipe.wire import codec
 from zpipe.wire.codec import PROTOCOL_VERSION, DecodeError
+
+# The wire's own numbers (docs/protocol.md), written out rather than read from codec.
+EXT_BYTES, EXT_INLINE = 3, 4
+FRAME_MIN = 64 * 1024  # arrays and top-level bytes items from this size on travel as frames
 
 
 def roundtrip(item):
@@ -138,10 +143,19 @@ BIG_ENDIAN = [">i2", ">i4", ">i8", ">u2", ">u8", ">f2", ">f4", ">f8", ">c8", ">c
               ">M8[us]", ">m8[s]", ">U4"]
 
 
+def large(array):
+    """``array`` repeated along a new first axis up to at least FRAME_MIN bytes (its own frame)."""
+    rows = FRAME_MIN // max(array.nbytes, 1) + 1
+    return np.ascontiguousarray(np.broadcast_to(array, (rows, *array.shape)))
+
+
+@pytest.mark.parametrize("layout", ["inline", "framed"])
 @pytest.mark.parametrize("dtype", DTYPES + BIG_ENDIAN)
-def test_array_every_dtype_roundtrip(dtype):
-    array = sample(dtype)
-    out = roundtrip(array)
+def test_array_every_dtype_roundtrip(dtype, layout):
+    array = sample(dtype) if layout == "inline" else large(sample(dtype))
+    frames = codec.encode([array])
+    assert len(frames) == (1 if layout == "inline" else 2)
+    (out,) = codec.decode(frames)
     assert_same_array(out, array)
     assert out.dtype.byteorder == array.dtype.byteorder
     if array.dtype.kind not in "fc":
@@ -216,22 +230,27 @@ def test_zero_dimensional_arrays(value):
     assert_same_array(out, value)
 
 
-def test_non_contiguous_arrays():
-    base = np.arange(60, dtype="i4").reshape(6, 10)
+@pytest.mark.parametrize("width", [10, 20_000], ids=["inline", "mostly-framed"])
+def test_non_contiguous_arrays(width):
+    base = np.arange(6 * width, dtype="i4").reshape(6, width)
     cases = [base[::2, 1::3], base.T, base[:, 3], base[::-1], np.asfortranarray(base),
              np.asfortranarray(np.arange(24, dtype=">f8").reshape(2, 3, 4)),
-             base.astype("U3")[1:4, ::-2]]
+             base.astype("U3")[1:4, ::-2], np.broadcast_to(base[0], (3, width)),
+             np.broadcast_to(np.float32(1.5), (4, width))]
     for array in cases:
         out = roundtrip(array)
         assert_same_array(out, array)
         np.testing.assert_array_equal(out, array)
 
 
-def test_arrays_nested_inside_containers():
-    a, b, c = np.arange(3), np.ones((2, 2), dtype="f4"), np.array(["x", "yz"])
+@pytest.mark.parametrize("size, frames_per_array", [(1, 0), (FRAME_MIN, 1)],
+                         ids=["inline", "framed"])
+def test_arrays_nested_inside_containers(size, frames_per_array):
+    a, b = np.arange(3 * size), np.ones((2, 2 * size), dtype="f4")
+    c = np.array(["x", "yz"] * size)
     item = {"a": a, "list": [b, {"deep": (c, 1)}], 7: None}
     frames = codec.encode([item, a])
-    assert len(frames) == 1 + 4
+    assert len(frames) == 1 + 4 * frames_per_array
     out_item, out_a = codec.decode(frames)
     assert_same_array(out_item["a"], a)
     assert_same_array(out_item["list"][0], b)
@@ -454,6 +473,16 @@ def scalar_ext(dtype="<i4", raw=b"\x01\x00\x00\x00") -> msgpack.ExtType:
     return ext(codec.EXT_SCALAR, [dtype, raw])
 
 
+def inline_ext(dtype="<i4", shape=(2,), raw=None) -> msgpack.ExtType:
+    """An inline array (by default array_ext()'s, [0, 1], with its bytes inside)."""
+    return ext(EXT_INLINE, [dtype, list(shape) if isinstance(shape, tuple) else shape,
+                            I4 if raw is None else raw])
+
+
+def bytes_ext(index=1) -> msgpack.ExtType:
+    return ext(EXT_BYTES, [index])
+
+
 def packed(*parts) -> bytes:
     return msgpack.packb(list(parts), use_bin_type=True)
 
@@ -524,13 +553,15 @@ MALFORMED: list[tuple[str, list[bytes]]] = [
     ("marker-with-an-item", [tagged([5], [[0, codec.TAG_LAST | codec.TAG_MARKER]])]),
     ("marker-without-last", [tagged([None], [[0, codec.TAG_MARKER]])]),
     # extension types other than zpipe's two, at any depth
-    *[(f"ext-{code}", [plain(ext(code, b"x"))]) for code in (0, 3, 5, 42, 127)],
+    *[(f"ext-{code}", [plain(ext(code, b"x"))]) for code in (0, 5, 6, 42, 127)],
     # msgpack reserves the negative codes (-1 is its timestamp); ExtType cannot make them
     *[(f"ext-minus-{-code}", [b"\x92\x02\x91\xd4" + code.to_bytes(1, "big", signed=True) + b"x"])
       for code in (-2, -5, -128)],
     ("ext-nested", [plain({"a": [1, {"b": ext(9, b"")}]})]),
     ("ext-as-key", [plain({ext(9, b"k"): 1})]),
-    ("ext-in-tags", [tagged([1], [[0, ext(3, b"")]])]),
+    ("ext-in-tags", [tagged([1], [[0, ext(9, b"")]])]),
+    ("inline-array-in-tags", [tagged([1], [[0, inline_ext("<i8", [1], b"\x01" + b"\x00" * 7)]])]),
+    ("bytes-in-tags", [tagged([1], [[0, bytes_ext()]]), b"x"]),
     ("timestamp-bad-length", [b"\x92\x02\x91\xd4\xff\x01"]),
     # an array's header
     ("array-header-int", [plain(ext(codec.EXT_ARRAY, 7)), I4]),
@@ -650,6 +681,68 @@ MALFORMED: list[tuple[str, list[bytes]]] = [
     ("scalar-struct-unicode-past-U+10FFFF", [plain(scalar_ext(struct(formats=["<U1"]),
                                                               b"\xff\xff\xff\xff"))]),
     ("scalar-datetime-generic-not-nat", [plain(scalar_ext("<M8", b"\x00" * 8))]),
+    # a large bytes item's header, and its frame
+    ("bytes-header-int", [plain(ext(EXT_BYTES, 1)), b"x"]),
+    ("bytes-header-dict", [plain(ext(EXT_BYTES, {"index": 1})), b"x"]),
+    ("bytes-header-empty-list", [plain(ext(EXT_BYTES, [])), b"x"]),
+    ("bytes-header-long", [plain(ext(EXT_BYTES, [1, 0])), b"x"]),
+    ("bytes-header-not-msgpack", [plain(ext(EXT_BYTES, b"\xc1")), b"x"]),
+    ("bytes-header-empty", [plain(ext(EXT_BYTES, b"")), b"x"]),
+    ("bytes-in-a-one-frame-message", [plain(bytes_ext())]),
+    *[(f"bytes-index-{name}", [plain(bytes_ext(index)), b"x"]) for name, index in [
+        ("str", "1"), ("float", 1.0), ("bool", True), ("nil", None), ("list", [1]),
+        ("zero", 0), ("negative", -1), ("past-the-end", 2), ("huge", 2**64 - 1)]],
+    ("bytes-twice", [plain(bytes_ext(1), bytes_ext(1)), b"x"]),
+    ("bytes-twice-two-frames", [plain(bytes_ext(1), bytes_ext(1)), b"x", b"y"]),
+    ("bytes-out-of-order", [plain(bytes_ext(2), bytes_ext(1)), b"x", b"y"]),
+    ("bytes-and-array-on-one-frame", [plain(bytes_ext(1), array_ext(1)), I4]),
+    ("array-and-bytes-on-one-frame", [plain(array_ext(1), bytes_ext(1)), I4]),
+    ("bytes-frame-without-a-bytes-item", [plain(bytes_ext(1)), b"x", b"y"]),
+    ("bytes-nested-missing-frame", [plain({"a": [bytes_ext(1)]})]),
+    # an inline array
+    ("inline-int", [plain(ext(EXT_INLINE, 7))]),
+    ("inline-dict", [plain(ext(EXT_INLINE, {"dtype": "<i4"}))]),
+    ("inline-short", [plain(ext(EXT_INLINE, ["<i4", [2]]))]),
+    ("inline-long", [plain(ext(EXT_INLINE, ["<i4", [2], I4, 0]))]),
+    ("inline-not-msgpack", [plain(ext(EXT_INLINE, b"\xc1"))]),
+    ("inline-empty", [plain(ext(EXT_INLINE, b""))]),
+    ("inline-truncated", [plain(ext(EXT_INLINE, msgpack.packb(["<i4", [2], I4])[:-3]))]),
+    ("inline-bytes-str", [plain(inline_ext(raw="\x00" * 8))]),
+    ("inline-bytes-nil", [plain(ext(EXT_INLINE, ["<i4", [0], None]))]),
+    ("inline-bytes-list", [plain(ext(EXT_INLINE, ["<i4", [2], [0, 1]]))]),
+    ("inline-bytes-ext", [plain(ext(EXT_INLINE, ["<i4", [2], ext(4, I4)]))]),
+    ("inline-dtype-object", [plain(inline_ext("|O", [1], b"\x00" * 8))]),
+    ("inline-dtype-object-empty", [plain(inline_ext("|O", [0], b""))]),
+    ("inline-dtype-name", [plain(inline_ext("float64", [1], b"\x00" * 8))]),
+    ("inline-dtype-nil", [plain(inline_ext(None))]),
+    ("inline-dtype-int", [plain(inline_ext(5))]),
+    ("inline-dtype-unsized-unicode", [plain(inline_ext("<U0", [2**26], b""))]),
+    ("inline-dtype-subarray-at-top", [plain(inline_ext({"base": "<i4", "shape": [2]}, [1]))]),
+    ("inline-dtype-struct-object", [plain(inline_ext(struct(formats=["|O"], itemsize=8), [0],
+                                                     b""))]),
+    ("inline-dtype-struct-too-deep", [plain(inline_ext(_nested_struct(40)))]),
+    ("inline-dtype-struct-bad", [plain(inline_ext(struct(offsets=[-4])))]),
+    ("inline-shape-int", [plain(inline_ext(shape=2))]),
+    ("inline-shape-nil", [plain(inline_ext(shape=None))]),
+    ("inline-shape-negative", [plain(inline_ext(shape=[-2]))]),
+    ("inline-shape-bool", [plain(inline_ext(shape=[True, 2]))]),
+    ("inline-shape-too-many-dims", [plain(inline_ext(shape=[1] * 65 + [2]))]),
+    ("inline-shape-count-too-large", [plain(inline_ext("|V0", [2**32, 2**32], b""))]),
+    ("inline-claims-1-GB-of-nothing", [plain(inline_ext("|u1", [2**30], b""))]),
+    ("inline-claims-8-GB-of-8-bytes", [plain(inline_ext("<f8", [2**30], b"\x00" * 8))]),
+    ("inline-claims-more", [plain(inline_ext(shape=[3]))]),
+    ("inline-claims-fewer", [plain(inline_ext(shape=[1]))]),
+    ("inline-claims-ragged", [plain(inline_ext(raw=b"\x00" * 9))]),
+    ("inline-claims-none-of-some", [plain(inline_ext(shape=[0]))]),
+    ("inline-claims-itemsize-0-of-some", [plain(inline_ext("|V0", [3], b"\x01"))]),
+    ("inline-unicode-past-U+10FFFF", [plain(inline_ext("<U1", [1], b"\xff\xff\xff\xff"))]),
+    ("inline-unicode-past-U+10FFFF-in-a-field", [plain(inline_ext(
+        struct(formats=["<U1"]), [1], b"\x00\x00\x11\x00"))]),
+    ("inline-datetime-generic-not-nat", [plain(inline_ext("<M8", [1], b"\x00" * 8))]),
+    ("inline-as-version", [packed(inline_ext("<i8", [], PROTOCOL_VERSION.to_bytes(8, "little")),
+                                  [1])]),
+    ("inline-as-a-key", [plain({inline_ext(): 1})]),
+    ("inline-with-frames-left", [plain(inline_ext()), I4]),
     # nesting: msgpack's own limit, and tuples as keys deeper than Python recurses
     ("nested-past-msgpack-limit", [b"\x92\x02\x91" + b"\x91" * 2000 + b"\xc0"]),
     ("tuple-key-nested-deeply", [b"\x92\x02\x91" + b"\x91" * 990 + b"\x81\x91\x01\x01"]),
@@ -679,6 +772,9 @@ def test_malformed_names_are_unique():
                                       SystemError, LookupError, RuntimeError])
 @pytest.mark.parametrize("where, frames", [
     ("_dtype_from_wire", [plain(array_ext()), I4]),     # inside the ext hook of an array
+    ("_dtype_from_wire", [plain(inline_ext())]),         # ... of an inline array
+    ("_count", [plain(inline_ext("<i4", (1, 2)))]),      # its shape (not 1-d: that is quicker)
+    ("_Arrays._bytes", [plain(bytes_ext()), b"abc"]),    # inside the ext hook of a bytes item
     ("_scalar", [plain(scalar_ext())]),                  # inside the ext hook of a scalar
     ("_unusual", [tagged([1], [[0, 1]])]),               # after msgpack, on the header
     ("_lists", [plain({(1, 2): "tuple key"})]),          # the second decode, with tuples
@@ -689,7 +785,11 @@ def test_any_exception_while_decoding_is_a_decode_error(monkeypatch, exc_type, w
     def failing(*args, **kwargs):
         raise exc_type("from deep inside")
 
-    monkeypatch.setattr(codec, where, failing)
+    # What the decoder keeps of what it decoded before would skip the call.
+    monkeypatch.setattr(codec, "_ARRAY_DTYPES", {})
+    monkeypatch.setattr(codec, "_INLINE_RECEIVED", {})
+    owner, _, name = where.rpartition(".")
+    monkeypatch.setattr(getattr(codec, owner) if owner else codec, name, failing)
     with pytest.raises(DecodeError, match=exc_type.__name__):
         codec.decode_tagged(frames)
 
@@ -699,8 +799,12 @@ def test_keyboard_interrupt_is_not_a_decode_error(monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(codec, "_dtype_from_wire", interrupted)
+    monkeypatch.setattr(codec, "_ARRAY_DTYPES", {})
+    monkeypatch.setattr(codec, "_INLINE_RECEIVED", {})
     with pytest.raises(KeyboardInterrupt):
         codec.decode_tagged([plain(array_ext()), I4])
+    with pytest.raises(KeyboardInterrupt):
+        codec.decode_tagged([plain(inline_ext())])
 
 
 def test_a_decode_error_message_stays_short():
@@ -755,7 +859,7 @@ _INTS = [0, 1, 2, 3, -1, -2, 7, 255, 65535, 2**30, 2**31, 2**32, 2**40, 2**62, 2
 _STRS = ["", "a", "<f4", "|u1", "<i8", ">u2", "|b1", "<c16", "|O", "O", "<U0", "|S0", "<U1",
          ">U2", "|S3", "|V0", "|V3", "T", "<f4,<i4", "(2,)<f4", "float64", "<M8", "<M8[ns]",
          "<m8[10s]", "names", "base", "\x00", "<f16"]
-_EXT_CODES = [0, 1, 1, 1, 2, 2, 3, 42, 127]
+_EXT_CODES = [0, 1, 1, 1, 2, 2, 3, 3, 4, 4, 5, 42, 127]
 
 
 class Wrong:
@@ -763,11 +867,13 @@ class Wrong:
 
     def __init__(self, seed: int):
         self.rng = random.Random(seed)
-        self.arrays: list = []  # (dtype, shape) of the array extensions of the message so far
+        # (dtype, shape) of the array extensions of the message so far; (None, None)
+        # for a bytes item's
+        self.arrays: list = []
 
     def value(self, depth: int = 0):
         r = self.rng
-        kind = r.randrange(13 if depth < 3 else 6)
+        kind = r.randrange(16 if depth < 3 else 6)
         if kind == 0:
             return None
         if kind == 1:
@@ -794,6 +900,13 @@ class Wrong:
             self.arrays.append((dtype, shape))
             index = len(self.arrays) if r.random() < 0.8 else self.index()
             return array_ext(index, dtype, shape)
+        if kind == 13:
+            dtype, shape = self.dtype(depth + 1), self.shape()
+            return inline_ext(dtype, shape, self.frame(dtype, shape) if r.random() < 0.8
+                              else self.value(depth + 1))
+        if kind == 14:
+            self.arrays.append((None, None))
+            return bytes_ext(len(self.arrays) if r.random() < 0.8 else self.index())
         return scalar_ext(self.dtype(depth + 1),
                           r.randbytes(r.choice([0, 1, 2, 4, 8, 16])) if r.random() < 0.8
                           else self.value(depth + 1))
@@ -846,7 +959,7 @@ class Wrong:
     def frame(self, dtype, shape) -> bytes:
         """Mostly the bytes the header claims (so that the checks past the size run)."""
         r = self.rng
-        if r.random() < 0.7:
+        if dtype is not None and r.random() < 0.7:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -900,14 +1013,18 @@ def assert_a_valid_message(items, tags, frames):
             assert type(tag) is list and len(tag) == 2
             assert type(tag[0]) is int and tag[0] >= 0 and tag[1] in (0, 1, 3)
             assert item is None or tag[1] != 3
-    arrays = []
+    sizes = []  # of the arrays and bytes, in the order the header has them
     for value in _walk(items):
         assert not isinstance(value, (msgpack.ExtType, tuple))
         if isinstance(value, np.ndarray):
             assert not value.dtype.hasobject and value.dtype.kind in "biufcmMUSV"
-            arrays.append(value)
+            sizes.append(value.nbytes)
+        elif isinstance(value, bytes):
+            sizes.append(len(value))
         repr(value)  # readable
-    assert [a.nbytes for a in arrays] == [len(f) for f in frames[1:]]
+    # Each frame after the header is one of them, in order (the others are in the header).
+    left = iter(sizes)
+    assert all(any(size == len(frame) for size in left) for frame in frames[1:])
 
 
 def test_random_wrong_structures_raise_decode_error_only():
@@ -968,11 +1085,16 @@ def test_a_large_array_is_copied_once(make):
     np.testing.assert_array_equal(codec.decode(frames)[0], array)
 
 
-def test_a_small_array_is_left_to_pyzmqs_copy():
-    # Under COPY_THRESHOLD pyzmq copies a frame sent with copy=False itself.
+def test_a_small_array_is_frozen_inline_when_added():
+    """Under FRAME_MIN an array is copied into the header as it is added."""
     array = np.arange(1000, dtype="f8")
-    assert array.nbytes < zmq.COPY_THRESHOLD
-    assert np.shares_memory(codec.encode([array])[1], array)
+    assert array.nbytes < FRAME_MIN
+    batch = codec.Batch(copy_arrays=False)  # as over ipc and tcp: no Outbox wait for it
+    batch.add(array)
+    array[:] = -1
+    frames = batch.frames()
+    assert len(frames) == 1 and not batch.arrays
+    assert codec.decode(frames)[0].tolist() == list(range(1000))
 
 
 def test_arrays_sent_without_a_copy_over_inproc_are_the_receivers_own(pair):
@@ -1046,6 +1168,416 @@ def test_an_array_of_no_values_is_refused_by_its_sender(array):
     # The receiver would drop it (numpy fails on every read of its values).
     with pytest.raises(EncodeError, match="no value"):
         codec.encode([array])
+
+
+# -- large bytes items: a frame each; small arrays: inline, in the header ---------------------
+
+def test_the_wire_numbers():
+    assert (codec.EXT_ARRAY, codec.EXT_SCALAR, codec.EXT_BYTES, codec.EXT_INLINE) == \
+        (1, 2, EXT_BYTES, EXT_INLINE)
+    assert codec.FRAME_MIN == FRAME_MIN == zmq.COPY_THRESHOLD  # pyzmq copies smaller frames
+
+
+def some_bytes(size: int) -> bytes:
+    return (bytes(range(256)) * (size // 256 + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, FRAME_MIN - 1, FRAME_MIN, FRAME_MIN + 1, 2**20,
+                                  10 * 2**20])
+def test_bytes_items_below_at_and_above_frame_min(size):
+    item = some_bytes(size)
+    frames = codec.encode([item])
+    if size < FRAME_MIN:
+        assert len(frames) == 1
+    else:
+        assert len(frames) == 2
+        assert frames[1] is item       # the object itself: no copy on the way out
+        assert len(frames[0]) < 16     # and none of it in the header
+    (out,) = codec.decode(frames)
+    assert type(out) is bytes and out == item
+
+
+@pytest.mark.parametrize("make", [bytes, bytearray, memoryview, zmq.Frame,
+                                  lambda b: np.frombuffer(b, dtype="u1")],
+                         ids=["bytes", "bytearray", "memoryview", "Frame", "array"])
+def test_a_bytes_frame_arrives_as_bytes_whatever_holds_it(make):
+    item = some_bytes(FRAME_MIN)
+    header, frame = codec.encode([item])
+    (out,) = codec.decode([header, make(frame)])
+    assert type(out) is bytes and out == item
+
+
+def test_large_bytes_items_over_zmq_arrive_as_bytes(pair):
+    a, b = pair
+    big, other = b"\xa5" * 2**20, some_bytes(FRAME_MIN + 7)
+    items = [big, "small", other, b"tiny"]
+    a.send_multipart(codec.encode(items), copy=False)
+    frames = b.recv_multipart(copy=False)
+    assert len(frames) == 3
+    out = codec.decode(frames)
+    assert out == items and type(out[0]) is bytes and type(out[2]) is bytes
+    assert out[0][:2].hex() == "a5a5" and out[2].decode("latin-1")[1] == "\x01"
+
+
+def test_large_bytes_inside_containers_stay_in_the_header():
+    big = some_bytes(2 * FRAME_MIN)
+    items = [{"k": big}, [big, 1], (big,)]
+    frames = codec.encode(items)
+    assert len(frames) == 1
+    assert codec.decode(frames) == [{"k": big}, [big, 1], [big]]
+
+
+def test_frames_of_arrays_and_bytes_in_header_order():
+    big_array, small_array = np.arange(FRAME_MIN // 4, dtype="f8"), np.arange(5)
+    big_bytes, other_bytes = some_bytes(FRAME_MIN), b"o" * (3 * FRAME_MIN)
+    items = [big_bytes, {"a": big_array, "s": small_array}, b"small", other_bytes,
+             [small_array, big_array * 2], big_bytes]
+    frames = codec.encode(items)
+    assert len(frames) == 1 + 5
+    assert frames[1] is big_bytes and frames[3] is other_bytes and frames[5] is big_bytes
+    out = codec.decode(frames)
+    assert out[0] == big_bytes and out[2] == b"small" and out[3] == other_bytes
+    assert out[5] == big_bytes
+    np.testing.assert_array_equal(out[1]["a"], big_array)
+    np.testing.assert_array_equal(out[1]["s"], small_array)
+    np.testing.assert_array_equal(out[4][0], small_array)
+    np.testing.assert_array_equal(out[4][1], big_array * 2)
+
+
+def test_a_tagged_and_stamped_message_with_frames():
+    batch = codec.Batch()
+    big = some_bytes(FRAME_MIN)
+    batch.add(big, [0, codec.TAG_LAST])
+    batch.add(np.ones(FRAME_MIN), [1, 0])
+    batch.add(np.ones(3), [1, codec.TAG_LAST])
+    batch.origin = 1234.5
+    items, tags, origin = codec.decode_stamped(batch.frames())
+    assert items[0] == big and items[1].shape == (FRAME_MIN,) and items[2].tolist() == [1] * 3
+    assert tags == [[0, 1], [1, 0], [1, 1]] and origin == 1234.5
+
+
+def test_alone_sends_a_large_bytes_item_as_its_own_frame():
+    batch = codec.Batch()
+    item = some_bytes(FRAME_MIN)
+    frames = batch.alone(item)
+    assert len(frames) == 2 and frames[1] is item
+    assert not batch.arrays and not batch.fresh and not batch.encoded
+    assert codec.decode(frames) == [item]
+    assert codec.decode(batch.alone(b"small")) == [b"small"]
+
+
+def test_a_bytes_frame_counts_as_a_frame_not_as_header():
+    batch = codec.Batch(max_size=10**7)
+    big = some_bytes(3 * FRAME_MIN)
+    batch.add(big)
+    batch.add(np.zeros(100, dtype="u1"))  # inline: into the header
+    assert batch.arrays == [big]
+    assert batch.header_bytes < 300 and batch.largest_frame() == len(big)
+    _, _, frames = batch.pop(1)  # the inline array: no frame of its own
+    assert frames == [] and batch.arrays == [big]
+    batch.clear()
+    batch.add(big)
+    data, tag, frames = batch.pop(0)
+    batch.push(data, tag, frames)
+    assert codec.decode(batch.frames()) == [big]
+
+
+def test_a_batch_of_100_small_arrays_is_one_frame():
+    batch = codec.Batch(copy_arrays=False)
+    for i in range(100):
+        batch.add(np.full(25, i, dtype="f4"))  # 100 bytes each
+    assert not batch.arrays
+    frames = batch.frames()
+    assert len(frames) == 1
+    out = codec.decode(frames)
+    assert [a.tolist() for a in out] == [[float(i)] * 25 for i in range(100)]
+
+
+@pytest.mark.parametrize("nbytes", [0, 8, FRAME_MIN - 8, FRAME_MIN, FRAME_MIN + 8])
+def test_arrays_below_frame_min_travel_inline(nbytes):
+    array = np.arange(nbytes // 8, dtype="<f8")
+    frames = codec.encode([array])
+    assert len(frames) == (1 if nbytes < FRAME_MIN else 2)
+    (out,) = codec.decode(frames)
+    assert_same_array(out, array)
+
+
+def test_inline_arrays_are_writable_and_their_own(pair):
+    """Each inline array the receiver makes is writable, in memory of its own: not
+    the sender's, not the header's, not another item's (one array sent twice)."""
+    a = np.arange(10, dtype="i4")
+    record = np.zeros(2, dtype=[("s", "U2"), ("n", ">u4"), ("x", "f8", (2,))])
+    items = [a, a, {"x": a, "y": [a]}, np.broadcast_to(a, (3, 10)), np.asfortranarray(
+        np.arange(6.0).reshape(2, 3)), np.array(5.0), np.zeros((2, 0)), record, a[::3]]
+    sent = codec.encode(items)
+    assert len(sent) == 1
+    for out in (codec.decode(sent), over_zmq(pair, items)):
+        arrays = [out[0], out[1], out[2]["x"], out[2]["y"][0], out[3], out[4], out[5], out[6],
+                  out[7], out[8]]
+        for got in arrays:
+            assert got.flags.writeable
+            assert not np.shares_memory(got, a)
+        for i, x in enumerate(arrays):
+            for y in arrays[i + 1:]:
+                assert not np.shares_memory(x, y)
+        out[0][0] = 99
+        out[3][1, 1] = -5  # a broadcast array arrives as a whole one
+        out[5][()] = 7.0
+        out[7]["n"] = 3
+        assert out[1][0] == 0 and out[2]["x"][0] == 0 and out[2]["y"][0][0] == 0
+        assert out[3][0, 1] == 1 and a[0] == 0 and a[1] == 1
+        assert out[4].tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+        assert out[8].tolist() == [0, 3, 6, 9]
+        assert record["n"].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("dtype", ["f8", "i1", "U3", "M8[s]", "V0", [],
+                                   [("a", "i4"), ("b", "f4", (2,))]], ids=str)
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (), (2, 3), (1, 1, 1, 2)], ids=str)
+def test_inline_arrays_of_every_shape(dtype, shape):
+    array = np.zeros(shape, dtype=dtype)
+    frames = codec.encode([array, {"in": [array]}])
+    assert len(frames) == 1
+    out, holder = codec.decode(frames)
+    for got in (out, holder["in"][0]):
+        assert_same_array(got, array)
+        assert got.flags.writeable
+
+
+def test_inline_arrays_of_one_dtype_or_one_shape_keep_theirs():
+    """What the encoder keeps per (dtype, shape) is kept apart for each."""
+    items = [np.arange(3, dtype="<f4"), np.arange(3, dtype="<f8"), np.arange(3, dtype=">f4"),
+             np.arange(3, dtype="<f4").reshape(3, 1), np.arange(6, dtype="<f4"),
+             np.arange(3).astype("<M8[s]"), np.arange(3).astype("<M8[ms]"), np.array(["ab", "c"]),
+             np.array(["abc", "d"]), np.arange(3, dtype="<f4")[::-1]]
+    for _ in range(2):  # a second time from what was kept
+        out = codec.decode(codec.encode(items))
+        for got, want in zip(out, items):
+            assert_same_array(got, want)
+
+
+def test_inline_arrays_like_ones_received_before_are_still_checked():
+    """The decoder keeps the start of inline arrays it received: one that starts
+    the same and is as long differs only in its bytes, which are still checked."""
+    good = [plain(inline_ext("<U1", [2], "ab".encode("utf-32-le")))]
+    assert codec.decode(good)[0].tolist() == ["a", "b"]
+    bad = [plain(inline_ext("<U1", [2], b"a\0\0\0\xff\xff\xff\xff"))]
+    assert len(bad[0]) == len(good[0])
+    for _ in range(2):
+        with pytest.raises(DecodeError, match="no value"):
+            codec.decode(bad)
+    # Another dtype and shape of the same length: decoded as what it says.
+    first = [plain(inline_ext("<i4", [2], np.array([1, 2], "<i4").tobytes()))]
+    other = [plain(inline_ext("<u8", [1], np.array([7], "<u8").tobytes()))]
+    assert len(first[0]) == len(other[0])
+    for _ in range(2):
+        assert codec.decode(first)[0].dtype == np.dtype("<i4")
+        (got,) = codec.decode(other)
+        assert got.dtype == np.dtype("<u8") and got.tolist() == [7]
+    # One byte more or less: not taken for the one before.
+    for raw in (b"\0" * 7, b"\0" * 9):
+        with pytest.raises(DecodeError, match="needs 8 bytes"):
+            codec.decode([plain(inline_ext("<i4", [2], raw))])
+    # Two received arrays from one message are each their own memory.
+    a, b = codec.decode(codec.encode([np.arange(3), np.arange(3)]))
+    a[0] = 5
+    assert b[0] == 0
+
+
+def test_pack_and_add_packed_for_a_caller_that_appends_itself():
+    batch = codec.Batch()
+    data = batch.pack({"x": 1})
+    assert not batch.encoded and not batch.fresh
+    batch.encoded.append(data)           # appended directly, as the Outbox's fast path does
+    big = some_bytes(FRAME_MIN)
+    data = batch.pack(big)
+    assert batch.fresh == [big] and not batch.arrays
+    batch.add_packed(data)
+    assert batch.arrays == [big] and not batch.fresh
+    with pytest.raises(TypeError):
+        batch.pack({1, 2})
+    batch.forget()
+    assert not batch.fresh
+    assert codec.decode(batch.frames()) == [{"x": 1}, big]
+
+
+def test_measure_counts_what_was_appended_directly():
+    batch = codec.Batch()
+    batch.add("a" * 10)
+    batch.encoded.append(batch.pack("b" * 20))
+    assert batch.header_bytes == 11 and batch.measure() == 11 + 21
+    batch.encoded.append(batch.pack("c" * 30))
+    assert batch.measure() == 11 + 21 + 31 == batch.header_bytes
+    batch.pop(0)
+    assert batch.measure() == 11 + 21
+    batch.clear()
+    assert batch.measure() == 0
+
+
+def test_frames_of_the_first_items_and_drop():
+    batch = codec.Batch()
+    for i in range(5):
+        batch.add(i)
+    batch.origin = 12.5
+    encoded = batch.encoded
+    frames = batch.frames(3)
+    batch.encoded.append(batch.pack(5))  # appended while those were sent
+    batch.drop(3)
+    assert codec.decode_stamped(frames) == ([0, 1, 2], None, 12.5)
+    assert batch.encoded is encoded and batch.origin is None
+    assert codec.decode(batch.frames()) == [3, 4, 5] and batch.measure() == 3
+    tagged = codec.Batch()
+    for i in range(4):
+        tagged.add(i, [i, codec.TAG_LAST])
+    assert codec.decode_tagged(tagged.frames(2)) == ([0, 1], [[0, 1], [1, 1]])
+    tagged.drop(2)
+    assert codec.decode_tagged(tagged.frames()) == ([2, 3], [[2, 1], [3, 1]])
+
+
+def test_a_handmade_inline_array_decodes():
+    (out,) = codec.decode([plain(inline_ext("<i4", [2], np.array([5, 6], "<i4").tobytes()))])
+    assert out.tolist() == [5, 6] and out.dtype == np.dtype("<i4") and out.flags.writeable
+    (out,) = codec.decode([plain(inline_ext(">f8", [], np.array(2.5, ">f8").tobytes()))])
+    assert out.shape == () and out == 2.5
+
+
+@pytest.mark.parametrize("wire, shape", [("|V0", [2**40]), (struct((), (), (), 0), [5, 2**30]),
+                                         ("<f8", [0, 2**40]), ("<U3", [2**40, 0])])
+def test_inline_arrays_without_bytes_decode_without_allocating(wire, shape):
+    frames = [plain(inline_ext(wire, shape, b""))]
+    tracemalloc.start()
+    try:
+        (out,) = codec.decode(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert list(out.shape) == shape and out.nbytes == 0
+    assert peak < 2**20
+
+
+def test_a_received_inline_array_is_copied_once_from_the_header():
+    """About its size allocated (its bytearray; the payload msgpack hands the hook),
+    not several copies of it."""
+    array = np.arange(FRAME_MIN // 8 - 1, dtype="f8")  # just under: inline
+    (frame,) = codec.encode([array])
+    tracemalloc.start()
+    try:
+        (out,) = codec.decode([frame])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3.5 * array.nbytes
+    assert_same_array(out, array)
+
+
+def test_inline_arrays_count_toward_the_header_and_max_size():
+    batch = codec.Batch(max_size=10**6)
+    batch.add(np.zeros(1000, dtype="u1"))
+    batch.add(np.zeros(2000, dtype="u1"))
+    assert not batch.arrays and batch.header_bytes > 3000
+    assert batch.largest_frame() >= batch.header_bytes
+    small = codec.Batch(max_size=1000)
+    with pytest.raises(codec.FrameTooLarge, match="2000 bytes"):
+        small.add({"x": np.zeros(2000, dtype="u1")})
+    small.add(np.arange(10))  # whole again
+    assert codec.decode(small.frames())[0].tolist() == list(range(10))
+
+
+class _Recorder:
+    def __init__(self):
+        self.waits = 0
+
+    def __call__(self, tracker):
+        self.waits += 1
+
+
+def _capped_outbox(ctx, name, max_size=None, copy_arrays=True):
+    from zpipe.replica.control import Control
+    from zpipe.replica.outbox import Outbox
+
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    pull.bind(f"inproc://{name}")
+    push.connect(f"inproc://{name}")
+    control = ctx.socket(zmq.DEALER)
+    control.connect("inproc://nobody")
+    outbox = Outbox(push, Control(control), source=True, copy_arrays=copy_arrays)
+    outbox.max_size, outbox.downstream = max_size, "sink"
+    return outbox, pull
+
+
+def _received(pull, count):
+    messages = []
+    while sum(len(codec.decode(m)) for m in messages) < count:
+        assert pull.poll(5000)
+        messages.append(pull.recv_multipart(copy=False))
+    return messages
+
+
+def test_the_outbox_waits_for_zeromq_on_large_arrays_only(monkeypatch):
+    """Over ipc and tcp (copy_arrays False) a large array is waited for, a large
+    bytes item is not (bytes never change), and small arrays share a message."""
+    from zpipe.replica import outbox as outbox_module
+    from zpipe.replica.outbox import _tracked
+
+    big = some_bytes(FRAME_MIN)
+    frames, tracker = _tracked([b"header", big])
+    assert tracker is None and frames[1] is big
+    frames, tracker = _tracked([b"header", big, np.zeros(FRAME_MIN, dtype="u1"), big])
+    assert tracker is not None and frames[1] is big and frames[3] is big
+    assert isinstance(frames[2], zmq.Frame)
+
+    ctx = zmq.Context()
+    try:
+        recorder = _Recorder()
+        monkeypatch.setattr(outbox_module.Outbox, "_wait_released", recorder)
+        outbox, pull = _capped_outbox(ctx, "tracked", copy_arrays=False)
+        try:
+            outbox.put(big)
+            outbox.put(big)
+            outbox.flush()
+            assert recorder.waits == 0
+            got = [m for message in _received(pull, 2) for m in codec.decode(message)]
+            assert got == [big, big]
+            outbox.put(np.ones(FRAME_MIN))
+            outbox.flush()
+            assert recorder.waits == 1
+            assert codec.decode(_received(pull, 1)[0])[0].shape == (FRAME_MIN,)
+            for i in range(50):
+                outbox.put(np.full(10, i))
+            outbox.flush()
+            assert recorder.waits == 1
+            messages = _received(pull, 50)
+            assert len(messages) < 50 and all(len(m) == 1 for m in messages)
+            arrays = [a for message in messages for a in codec.decode(message)]
+            assert [a[0] for a in arrays] == list(range(50))
+        finally:
+            outbox.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_the_outbox_under_max_size_with_bytes_frames_and_inline_arrays():
+    ctx = zmq.Context()
+    try:
+        outbox, pull = _capped_outbox(ctx, "capped-frames", max_size=100_000)
+        try:
+            with pytest.raises(EncodeError, match=r"an item of 200\d\d\d bytes is larger than "
+                               r"stage 'sink' accepts \(max_message_size 100000\)"):
+                outbox.put(b"x" * 200_000)
+            item = some_bytes(99_000)
+            outbox.put(item)
+            for _ in range(3):
+                outbox.put(np.zeros(40_000, dtype="u1"))  # inline: 2 fit in one header
+            outbox.flush()
+            messages = _received(pull, 4)
+            assert all(len(frame) <= 100_000 for m in messages for frame in m)
+            got = [x for m in messages for x in codec.decode(m)]
+            assert got[0] == item and [a.nbytes for a in got[1:]] == [40_000] * 3
+            assert len(messages[0]) == 2 and len(messages) == 3
+        finally:
+            outbox.close()
+    finally:
+        ctx.destroy(linger=0)
 
 
 # -- the receiver owns what it receives, in every mode ----------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
@@ -31,6 +31,12 @@ BATCH_ITEMS_REPLICATED = 4
 # about hwm messages: this keeps that near hwm x 64 kB for small items.
 BATCH_BYTES = 64 * 1024
 BATCH_WAIT = 0.001
+# The fast path (Outbox._fast_send) looks at its batch at every CHECK_EVERY-th
+# output, at each of a batch's first CHECK_EVERY, and at any output larger than
+# LARGE_OUTPUT bytes: a batch may wait that many outputs past BATCH_WAIT or
+# BATCH_BYTES, never more.
+CHECK_EVERY = 16
+LARGE_OUTPUT = 1024
 # While the stage is busy in user code, a waiting batch leaves within this;
 # a shorter period costs a busy stage more thread wake-ups than it saves.
 FLUSHER_PERIOD = 0.005
@@ -91,9 +97,12 @@ class Outbox:
             self.poller.register(control.sock, zmq.POLLIN)
             self.flusher = Flusher(self)
             self.flusher.start()
-        # send(item) is what the stage's outputs go to: put() itself on a plain
-        # link (the usual case, without a call in between), else the tagging.
-        self.send = self.put if not number_outputs and ordered_by is None else self._send_tagged
+        # send(item) is what the stage's outputs go to: on a plain link (the
+        # usual case) the fast path below, else the tagging; both end in put().
+        if number_outputs or ordered_by is not None:
+            self.send = self._send_tagged
+        else:
+            self.send = self._fast_send() if sock is not None else self.put
         if ordered_by is not None:
             ordered_by.numbered = True  # its input's messages must all carry seqs
 
@@ -128,7 +137,9 @@ class Outbox:
         if self.sock is None:
             self.sent += 1
         else:
-            with self.lock:
+            # acquire/release rather than `with`: a tenth of this call's cost.
+            self.lock.acquire()
+            try:
                 batch = self.batch
                 if not batch.encoded and now - self.last_flush > IDLE_GAP and tag is None and \
                         self.max_size is None and not self._stamp_due(now):
@@ -153,6 +164,85 @@ class Outbox:
                         elif self.flusher is not None and self.flusher.idle:
                             self.flusher.idle = False
                             self.flusher.armed.set()
+            finally:
+                self.lock.release()
+        self._check_control(now)
+
+    def _fast_send(self) -> Callable[[Any], None]:
+        """send() on a plain link: pack and append, and nothing else for most outputs.
+
+        put() decides per output whether the batch is due, and takes the lock
+        the Flusher shares; here an output is packed and appended without
+        either, and every CHECK_EVERY-th output (each of a batch's first ones,
+        and any large one) makes the same decisions (_checkpoint). Appending
+        without the lock is safe because only this thread appends, a list's
+        append is atomic, and the Flusher sends a count of outputs it read
+        under the lock and then drops just those (flush_if_due). Outputs that
+        hold arrays, and every output while max_size applies, take put().
+        """
+        batch, put, checkpoint = self.batch, self.put, self._checkpoint
+        # Bound once: every name below is a local or a closure cell, not an
+        # attribute or global looked up per output.
+        pack, pack_any, fresh = batch._pack, batch.pack, batch.fresh
+        every, large = CHECK_EVERY, LARGE_OUTPUT
+
+        def send(item: Any) -> None:
+            if self.max_size is not None:
+                return put(item)
+            try:
+                # A large bytes item becomes a frame of its own (Batch.pack).
+                data = pack(item) if type(item) is not bytes else pack_any(item)
+            except Exception:  # noqa: BLE001 - put() packs it again, and names the type
+                batch.forget()
+                return put(item)
+            if fresh:  # it holds arrays or made a frame: those go at once (put's rule)
+                return self._put_packed(data)
+            encoded = batch.encoded
+            encoded.append(data)
+            count = len(encoded)
+            if count < every or not count % every or len(data) > large:
+                checkpoint()
+            return None
+        return send
+
+    def _put_packed(self, data: bytes) -> None:
+        """An output already packed, holding arrays: added and sent at once, as by put()."""
+        self.lock.acquire()
+        try:
+            self.batch.add_packed(data)
+            self.oldest = _monotonic()
+            self._flush_locked()
+        finally:
+            self.lock.release()
+        self._check_control(_monotonic())
+
+    def _checkpoint(self) -> None:
+        """The fast path's look at its batch: put()'s rules for when it leaves."""
+        now = _monotonic()
+        self.lock.acquire()
+        try:
+            batch = self.batch
+            count = len(batch.encoded)
+            if count == 1:  # a batch begins (count 0: the Flusher just took it)
+                self.oldest = now
+                if self._stamp_due(now):
+                    self._stamp(now)
+                if now - self.last_flush > IDLE_GAP:
+                    self._flush_locked()  # after a pause an output leaves at once
+                elif self.flusher is not None and self.flusher.idle:
+                    self.flusher.idle = False
+                    self.flusher.armed.set()
+            elif count:
+                if batch.origin is None and self._stamp_due(now):
+                    self._stamp(now)
+                if count >= self.batch_items or now - self.oldest >= BATCH_WAIT or \
+                        batch.measure() >= BATCH_BYTES:
+                    self._flush_locked()
+        finally:
+            self.lock.release()
+        self._check_control(now)
+
+    def _check_control(self, now: float) -> None:
         control = self.control
         if now >= control.next_check:
             # Left set if ABORT comes now: the input in hand has had its output
@@ -246,11 +336,15 @@ class Outbox:
         try:
             assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
-            if self.batch.encoded and now - self.oldest >= BATCH_WAIT:
-                if not self.try_send(self.batch.frames(), len(self.batch)):
+            batch = self.batch
+            if batch.encoded and now - self.oldest >= BATCH_WAIT:
+                # The main thread may append as this runs (the fast path): send
+                # the outputs there are now, then drop exactly those.
+                count = len(batch)
+                if not self.try_send(batch.frames(count), count):
                     return True  # downstream is full: the batch waits for the next look
-                self.sent += len(self.batch)
-                self.batch.clear()
+                self.sent += count
+                batch.drop(count)
                 self.last_flush = now
             if not self.batch.encoded:
                 # Decided under the lock, so that put() sees it and re-arms.
@@ -323,10 +417,11 @@ class Outbox:
 
 def _tracked(frames: list[Any]) -> tuple[list[Any], zmq.MessageTracker | None]:
     """The frames with each large array as a tracked zmq.Frame, and their tracker
-    (None when every array is small: pyzmq copies those as it sends them)."""
+    (None when there is none: pyzmq copies a small frame as it sends it, and a
+    large ``bytes`` item, codec.EXT_BYTES, never changes, so nobody waits for it)."""
     out, trackers = [frames[0]], []
     for frame in frames[1:]:
-        if len(frame) >= zmq.COPY_THRESHOLD:
+        if type(frame) is not bytes and len(frame) >= zmq.COPY_THRESHOLD:
             frame = zmq.Frame(frame, copy=False, track=True)
             trackers.append(frame.tracker)
         out.append(frame)
@@ -334,8 +429,8 @@ def _tracked(frames: list[Any]) -> tuple[list[Any], zmq.MessageTracker | None]:
 
 
 def _send(sock: zmq.Socket, frames: list[Any], count: int = 0) -> bool:
-    """Send without blocking (False if full); arrays without a copy, small headers copied
-    (a copy is cheaper than tracking a zero-copy frame for a few hundred bytes)."""
+    """Send without blocking (False if full); large arrays and bytes items without a copy,
+    small headers copied (a copy is cheaper than a zero-copy frame for a few hundred bytes)."""
     try:
         if len(frames) == 1:
             send_frame(sock, frames[0], NOBLOCK)

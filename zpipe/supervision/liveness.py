@@ -17,8 +17,9 @@ had finished is not).
 
 from __future__ import annotations
 
+import struct
+
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 PING_INTERVAL_MS = 1000
 PONG_TIMEOUT_MS = 3000  # a replica is reported within this and the supervisor's tick
@@ -71,10 +72,21 @@ class Liveness:
 
     def _take_events(self) -> None:
         while self.monitor.poll(0):
-            fd = parse_monitor_message(self.monitor.recv_multipart())["value"]
+            fd = _event_value(self.monitor.recv_multipart())
             known = self.fds.pop(fd, None)
             if known is not None:
                 self.gone.append(known)
 
     def close(self) -> None:
         self.monitor.close(0)
+
+
+# A monitor event's first frame: the event (uint16) and its value (int32), in
+# the host's byte order (zmq_socket_monitor(3)). Read here rather than with
+# zmq.utils.monitor, which imports asyncio: every replica imports this module
+# (transport.py), and asyncio is a fifth of what a replica imports.
+_EVENT = struct.Struct("=Hi")
+
+
+def _event_value(frames: list[bytes]) -> int:
+    return _EVENT.unpack_from(frames[0])[1]

@@ -1,21 +1,31 @@
-"""Items on the wire: a msgpack header plus one raw frame per numpy array.
+"""Items on the wire: a msgpack header plus one raw frame per large array or bytes item.
 
 A data message is a ZeroMQ multipart message::
 
     frame 0   msgpack [PROTOCOL_VERSION, [item, item, ...]]
               or      [PROTOCOL_VERSION, [item, ...], [tag, ...]] on links into and
                       out of an ``ordered`` stage, one tag ``[seq, flags]`` per item
-    frame 1.. the bytes of each numpy array, in the order the header refers to them
+    frame 1.. the bytes of each large numpy array and of each large ``bytes`` item,
+              in the order the header refers to them
 
-Inside the header an array is msgpack extension type 1 holding
-``[frame_index, dtype, shape]``; a numpy scalar is extension type 2 holding
-``[dtype, bytes]``. Arrays thus never pass through msgpack. An item is
-frozen as it is sent, so the stage may change its array afterwards: on
-inproc links the Batch copies an array's bytes once, as it is added, and
-sends that private copy; on ipc and tcp links it sends the array's own bytes
-and the Outbox waits until ZeroMQ has let go of them. The receiver maps each
-frame into an array without copying it (the array is writable: it owns the
-received buffer). Tuples arrive as lists, as msgpack has no tuple.
+Inside the header a numpy array of FRAME_MIN bytes or more is msgpack
+extension type 1 holding ``[frame_index, dtype, shape]``; a smaller one is
+extension type 4 holding ``[dtype, shape, bytes]`` (inline: it shares the
+header, and so a message, with other items); a numpy scalar is extension
+type 2 holding ``[dtype, bytes]``. Large arrays thus never pass through
+msgpack. An item is frozen as it is sent, so the stage may change its array
+afterwards: an inline array is copied into the header; on inproc links the
+Batch copies a large array's bytes once, as it is added, and sends that
+private copy; on ipc and tcp links it sends the array's own bytes and the
+Outbox waits until ZeroMQ has let go of them. The receiver maps each frame
+into an array without copying it, and copies an inline array out of the
+header (either way the array is writable: it owns its memory). Tuples
+arrive as lists, as msgpack has no tuple.
+
+An item that is itself ``bytes`` of FRAME_MIN or more travels as its own
+frame, extension type 3 ``[frame_index]`` in the header: the bytes object is
+sent without a copy and without waiting for ZeroMQ (bytes never change), and
+arrives as ``bytes`` (one copy, out of the received frame).
 
 Anyone who can reach a socket can send it bytes: ``decode_tagged`` raises
 DecodeError, and only DecodeError, for anything that is not such a message,
@@ -35,9 +45,19 @@ from zmq import COPY_THRESHOLD
 
 from ..errors import EncodeError
 
-PROTOCOL_VERSION = 4  # docs/protocol.md, Versioning
-EXT_ARRAY = 1
-EXT_SCALAR = 2
+PROTOCOL_VERSION = 5  # docs/protocol.md, Versioning
+EXT_ARRAY = 1    # [frame_index, dtype, shape]: an array in its own frame
+EXT_SCALAR = 2   # [dtype, bytes]: a numpy scalar
+EXT_BYTES = 3    # [frame_index]: a top-level bytes item in its own frame
+EXT_INLINE = 4   # [dtype, shape, bytes]: a small array inside the header
+# Arrays of this many bytes or more, and top-level bytes items as large, travel
+# as their own frames; smaller arrays travel inline, in the header. 64 KiB,
+# pyzmq's COPY_THRESHOLD: pyzmq copies a smaller frame anyway (a frame of its
+# own then buys nothing and costs a multipart send and a flush), and from it
+# on a frame is sent without a copy. It is also the Outbox's BATCH_BYTES, so
+# an item this large would have left in a message of its own anyway. The
+# receiver takes either form at any size: this is only what a sender chooses.
+FRAME_MIN = COPY_THRESHOLD
 TAG_LAST = 1    # the last output for this input sequence number
 TAG_MARKER = 2  # no item: the input produced no output (keeps the sequence whole)
 
@@ -73,9 +93,19 @@ class FrameTooLarge(EncodeError):
 
 def _numpy() -> Any:
     # numpy is imported on first use so that stages which never touch an array
-    # start faster.
+    # start faster (hot paths read _np, set here, first).
+    global _np, _ndarray
     import numpy
+    _np, _ndarray = numpy, numpy.ndarray
     return numpy
+
+
+class _NoType:
+    pass
+
+
+_np: Any = None
+_ndarray: Any = _NoType  # numpy.ndarray once numpy is imported
 
 
 def _dtype_to_wire(dtype: Any) -> Any:
@@ -93,6 +123,35 @@ def _dtype_to_wire(dtype: Any) -> Any:
                 "itemsize": dtype.itemsize, "aligned": dtype.isalignedstruct}
     return dtype.str
 
+
+def _sent_dtype(dtype: Any) -> tuple[Any, bool]:
+    """_dtype_to_wire(dtype), and whether its arrays need the _unreadable check;
+    kept for a few plain dtypes (no plain dtype equals a structured one)."""
+    known = _SENT_DTYPES.get(dtype)
+    if known is None:
+        known = (_dtype_to_wire(dtype), dtype.kind in "UMV" and _fragile(dtype))
+        if type(known[0]) is str:
+            if len(_SENT_DTYPES) >= 256:
+                _SENT_DTYPES.clear()
+            _SENT_DTYPES[dtype] = known
+    return known
+
+
+_SENT_DTYPES: dict[Any, tuple[Any, bool]] = {}
+# (dtype, shape) -> the packed [dtype, shape, bytes] of such an inline array up to
+# its bytes (their bin header included), and its size: plain dtypes whose every
+# byte pattern is a value (no _unreadable check), so that a small array of a
+# shape sent before is only its tobytes() behind that prefix.
+_INLINE_SENT: dict[tuple[Any, tuple[int, ...]], tuple[bytes, int]] = {}
+
+
+def _ext(code: int, data: bytes) -> msgpack.ExtType:
+    """msgpack.ExtType(code, data) without its checks, which cost a good part of a
+    small array's encoding: code is one of ours, data bytes."""
+    return _tuple_new(msgpack.ExtType, (code, data))
+
+
+_tuple_new = tuple.__new__
 
 _STRUCT_KEYS = frozenset({"names", "formats", "offsets", "itemsize"})
 _STRUCT_KEYS_ALIGNED = _STRUCT_KEYS | {"aligned"}
@@ -221,9 +280,9 @@ class Batch:
 
     Packing each item when it is added makes an unsendable item fail in the
     stage that produced it, at that item, and freezes the item as it was
-    (a source may reuse and mutate one object; an array's bytes are copied
-    here with ``copy_arrays``, else the sender waits for ZeroMQ to let go of
-    them); the message is then assembled in
+    (a source may reuse and mutate one object; a small array's bytes are
+    copied into the header, a large one's here with ``copy_arrays``, else the
+    sender waits for ZeroMQ to let go of them); the message is then assembled in
     ``frames()`` with one join. ``add`` is on every stage's hot path, so it
     does no more than pack, append and count.
     """
@@ -231,11 +290,17 @@ class Batch:
     def __init__(self, max_size: int | None = None, copy_arrays: bool = True) -> None:
         self.packer = msgpack.Packer(default=self._default, use_bin_type=True)
         self._pack = self.packer.pack
+        # The contents of extension types (called inside self.packer's own pack).
+        self._inner = msgpack.Packer(use_bin_type=True).pack
         self.encoded: list[bytes] = []
         self.tags: list[Any] | None = None
-        self.arrays: list[Any] = []   # frames 1.. of the message
-        self.fresh: list[Any] = []    # arrays of the item being packed, until it succeeds
-        self.header_bytes = 0         # the items' encodings, without their arrays
+        # Frames 1.. of the message: large arrays (as uint8 arrays, the Outbox
+        # waits for ZeroMQ to let go of them over ipc and tcp) and large bytes
+        # items (the bytes objects themselves: never waited for, as they never change).
+        self.arrays: list[Any] = []
+        self.fresh: list[Any] = []    # frames of the item being packed, until it succeeds
+        self.header_bytes = 0         # the items' encodings (inline arrays in), without frames
+        self._measured = (0, 0)       # measure(): (items, their bytes) counted so far
         # Bytes per frame the receiver takes: a larger array fails before it is copied.
         self.max_size = max_size
         # False where the sender instead waits until ZeroMQ has let go of each
@@ -251,51 +316,71 @@ class Batch:
         return len(self.encoded)
 
     def _default(self, obj: Any) -> Any:
+        if type(obj) is _ndarray:  # the usual small array, of a dtype and shape seen before
+            known = _INLINE_SENT.get((obj.dtype, obj.shape))
+            if known is not None and (self.max_size is None or known[1] <= self.max_size):
+                return _ext(EXT_INLINE, known[0] + obj.tobytes())
         module = type(obj).__module__
         if module == "numpy":
-            np = _numpy()
+            np = _np or _numpy()
             if isinstance(obj, np.ndarray):
-                dtype = _dtype_to_wire(obj.dtype)
-                nbytes = obj.nbytes  # what the frame will hold (a broadcast array's too)
+                wire, fragile = _sent_dtype(obj.dtype)
+                nbytes = obj.nbytes  # what it takes on the wire (a broadcast array's too)
                 if self.max_size is not None and nbytes > self.max_size:
                     raise FrameTooLarge(nbytes, self.max_size)
-                if obj.dtype.kind in "UMV" and _fragile(obj.dtype) and _unreadable(obj):
+                if fragile and _unreadable(obj):
                     raise TypeError(f"a numpy array of {obj.dtype} with bytes that are no "
                                     f"value of it")
+                if nbytes < FRAME_MIN:
+                    # Inline, inside the header: tobytes() copies it as flat
+                    # C-ordered bytes (whatever its strides; a broadcast array's
+                    # every element; ndarray's own, whatever a subclass makes of
+                    # it), which freezes it. The item then needs no frame of its
+                    # own and shares a message with others.
+                    raw = np.ndarray.tobytes(obj)
+                    if type(wire) is str and not fragile:
+                        return _ext(EXT_INLINE, self._inline_prefix(obj, wire, nbytes) + raw)
+                    return _ext(EXT_INLINE, self._inner([wire, list(obj.shape), raw]))
                 # As flat C-ordered bytes, so that every dtype (datetime,
                 # structured, ...) exposes a plain buffer. Over inproc, private
                 # too: ZeroMQ would hand that very memory to the receiver.
-                # Copied once: pyzmq copies frames under COPY_THRESHOLD itself;
-                # ascontiguousarray copies a non-contiguous array; a large
-                # contiguous one is copied here, into a buffer of the Batch's
+                # Copied once: ascontiguousarray copies a non-contiguous array;
+                # a contiguous one is copied here, into a buffer of the Batch's
                 # own (_Copies). Elsewhere the Outbox waits for ZeroMQ instead.
-                if not nbytes:
-                    raw = b""
-                elif nbytes >= COPY_THRESHOLD and obj.flags.c_contiguous and self.copy_arrays:
+                if obj.flags.c_contiguous and self.copy_arrays:
                     raw = self.copies.take(nbytes)
                     np.copyto(raw, obj.view(np.ndarray).reshape(-1).view(np.uint8))
                 else:
                     raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
                 self.fresh.append(raw)
-                return msgpack.ExtType(EXT_ARRAY, msgpack.packb(
-                    [len(self.arrays) + len(self.fresh), dtype, list(obj.shape)],
-                    use_bin_type=True))
+                return _ext(EXT_ARRAY, self._inner(
+                    [len(self.arrays) + len(self.fresh), wire, list(obj.shape)]))
             if isinstance(obj, np.generic):
                 if obj.dtype.kind in "UMV" and _fragile(obj.dtype) and \
                         _unreadable(np.asarray(obj)):
                     raise TypeError(f"a numpy scalar of {obj.dtype} with bytes that are no "
                                     f"value of it")
-                return msgpack.ExtType(EXT_SCALAR, msgpack.packb(
-                    [_dtype_to_wire(obj.dtype), obj.tobytes()], use_bin_type=True))
+                return _ext(EXT_SCALAR, self._inner([_dtype_to_wire(obj.dtype), obj.tobytes()]))
         if isinstance(obj, int):
             raise TypeError(f"the integer {obj}, outside the 64-bit range msgpack carries")
         raise TypeError(f"values of type {type(obj).__module__}.{type(obj).__qualname__}"
                         if module != "builtins" else f"values of type {type(obj).__qualname__}")
 
+    def _inline_prefix(self, obj: Any, wire: str, nbytes: int) -> bytes:
+        """The start of an inline array's [wire, shape, bytes], kept in _INLINE_SENT
+        (a plain dtype and a shape make the size, and so the bin header)."""
+        packed = self._inner([wire, list(obj.shape), bytes(nbytes)])
+        prefix = packed[:len(packed) - nbytes]
+        if len(_INLINE_SENT) >= 1024:  # a stage of ever new shapes
+            _INLINE_SENT.clear()
+        _INLINE_SENT[obj.dtype, obj.shape] = (prefix, nbytes)
+        return prefix
+
     def add(self, item: Any, tag: Any = None) -> None:
         """Pack one item (with its tag on numbered links); raises EncodeError naming the type."""
         try:
-            data = self._pack(item)
+            data = self._pack(item) if type(item) is not bytes or len(item) < FRAME_MIN else \
+                self._framed(item)
         except FrameTooLarge:
             self._forget()
             raise
@@ -315,16 +400,79 @@ class Batch:
         """The frames of a message of ``item`` alone, on an untagged link (the
         batch must be empty, and stays so): an idle link's path, kept short."""
         try:
-            data = self._pack(item)
+            data = self._pack(item) if type(item) is not bytes or len(item) < FRAME_MIN else \
+                self._framed(item)
         except FrameTooLarge:
             self._forget()
             raise
         except (TypeError, ValueError, OverflowError) as exc:
             raise self._refused(item, exc) from None
         if self.fresh:
-            arrays, self.fresh = self.fresh, []
+            arrays = self.fresh[:]
+            self.fresh.clear()  # in place: the Outbox's fast path holds this list
             return [_PREFIXES[1] + data, *arrays]
         return [_PREFIXES[1] + data]
+
+    # -- for a caller that packs and appends itself (the Outbox's fast path) --------
+
+    def pack(self, item: Any) -> bytes:
+        """The encoding add() would append for ``item`` (untagged), not added: the
+        frames it makes (large arrays and bytes items) wait in ``fresh`` until
+        add_packed() takes them, or forget() drops them. Raises what packing raises
+        (not EncodeError: add() names the type)."""
+        return self._pack(item) if type(item) is not bytes or len(item) < FRAME_MIN else \
+            self._framed(item)
+
+    def add_packed(self, data: bytes) -> None:
+        """Add what pack() returned, with the frames it left in ``fresh``."""
+        self.encoded.append(data)
+        self.header_bytes += len(data)
+        if self.fresh:
+            self.arrays += self.fresh
+            self.fresh.clear()
+        if self.tags is not None:
+            self.tags.append(None)
+
+    def forget(self) -> None:
+        """Drop what a failed pack() left behind."""
+        self._forget()
+
+    def measure(self) -> int:
+        """The bytes of the items' encodings, those appended to ``encoded`` directly
+        included (header_bytes counts only what add() and add_packed() added);
+        counted from where the last call left off, and kept in header_bytes."""
+        encoded = self.encoded
+        count, size = self._measured
+        end = len(encoded)
+        if count > end:  # items were taken out since (pop, drop): count again
+            count = size = 0
+        if count < end:
+            size += sum(map(len, encoded[count:end]))
+            self._measured = (end, size)
+        self.header_bytes = size
+        return size
+
+    def drop(self, count: int) -> None:
+        """Forget the first ``count`` items, once frames(count) has been sent; those
+        appended since stay. In place: ``encoded`` stays the list it was."""
+        dropped = sum(map(len, self.encoded[:count]))
+        del self.encoded[:count]
+        if self.tags is not None:
+            del self.tags[:count]
+        self.arrays = []  # the Outbox sends any item with frames at once, alone
+        self.header_bytes = max(0, self.header_bytes - dropped)
+        self._measured = (0, 0)
+        self.origin = None  # it went with those
+
+    def _framed(self, item: bytes) -> bytes:
+        """A large top-level bytes item: its own frame, the bytes object itself (sent
+        without a copy; it never changes, so nobody waits for ZeroMQ to let go of it).
+
+        Only top-level items: msgpack packs bytes inside lists and dicts itself,
+        without a hook to take them out, so those stay in the header.
+        """
+        self.fresh.append(item)
+        return self._pack(_ext(EXT_BYTES, self._inner([len(self.arrays) + len(self.fresh)])))
 
     def _forget(self) -> None:
         """Drop what a failed pack left behind."""
@@ -348,6 +496,7 @@ class Batch:
         arrays, self.arrays = self.arrays[mark:], self.arrays[:mark]
         tag = self.tags.pop() if self.tags is not None else None
         self.header_bytes -= len(data)
+        self._measured = (0, 0)
         return data, tag, arrays
 
     def push(self, data: bytes, tag: Any, arrays: list[Any]) -> None:
@@ -357,25 +506,33 @@ class Batch:
         self.tags = None if tag is None else [tag]
         self.header_bytes = len(data)
 
-    def frames(self) -> list[Any]:
-        """The message's frames (the batch keeps its items until ``clear()``)."""
-        count = len(self.encoded)
+    def frames(self, count: int | None = None) -> list[Any]:
+        """The message's frames (the batch keeps its items until ``clear()``): of
+        all its items, or of the first ``count`` (then see drop(); only while no
+        item has frames, which the Outbox never leaves waiting)."""
+        if count is None:
+            encoded, tags = self.encoded, self.tags
+            count = len(encoded)
+        else:
+            encoded = self.encoded[:count]
+            tags = None if self.tags is None else self.tags[:count]
         if self.origin is not None:
             header = b"".join([_HEAD_STAMPED, self.packer.pack_array_header(count),
-                               *self.encoded, self._pack(self.tags), self._pack(self.origin)])
-        elif self.tags is None:
+                               *encoded, self._pack(tags), self._pack(self.origin)])
+        elif tags is None:
             prefix = _PREFIXES[count] if count < len(_PREFIXES) else \
                 _HEAD_PLAIN + self.packer.pack_array_header(count)
-            header = prefix + b"".join(self.encoded)
+            header = prefix + b"".join(encoded)
         else:
             header = b"".join([_HEAD_TAGGED, self.packer.pack_array_header(count),
-                               *self.encoded, self._pack(self.tags)])
+                               *encoded, self._pack(tags)])
         return [header, *self.arrays] if self.arrays else [header]
 
     def clear(self) -> None:
         """Empty the batch, once its frames have been sent."""
         self.encoded, self.tags, self.arrays = [], None, []
         self.header_bytes = 0
+        self._measured = (0, 0)
         self.origin = None
 
 
@@ -451,7 +608,8 @@ def decode_stamped(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None, 
 def _unusual(message: Any, ext_hook: Any,
              count: int) -> tuple[list[Any], list[Any] | None, float | None]:
     """The checks of every message but the usual one: another version, a tagged
-    or stamped message, frames that no array took, or not a data message at all."""
+    or stamped message, frames that no array or bytes item took, or not a data
+    message at all."""
     if type(message) is not list or not 2 <= len(message) <= 4 or type(message[1]) is not list:
         raise DecodeError("not a zpipe data message: header is not [version, items], "
                           "[version, items, tags] or [version, items, tags, origin]")
@@ -460,8 +618,8 @@ def _unusual(message: Any, ext_hook: Any,
                               f"speaks {PROTOCOL_VERSION}: run the same zpipe version in every "
                               f"stage")
     if count > 1 and ext_hook.next != count:
-        raise DecodeError(f"not a zpipe data message: {count - 1} array frames, "
-                          f"{ext_hook.next - 1} arrays")
+        raise DecodeError(f"not a zpipe data message: {count - 1} frames after the header, "
+                          f"{ext_hook.next - 1} arrays and bytes items in frames")
     items = message[1]
     if len(message) == 2:
         return items, None, None
@@ -491,23 +649,37 @@ def _why(exc: BaseException) -> str:
 
 
 class _Arrays:
-    """The ext hook of a message with array frames: the k-th array takes frame k."""
+    """The ext hook of a message with more than one frame: the k-th array or bytes
+    item that refers to a frame takes frame k."""
 
     __slots__ = ("frames", "next")
 
     def __init__(self, frames: Sequence[Any]):
         self.frames = frames
-        self.next = 1  # the frame the next array must refer to
+        self.next = 1  # the frame the next array or bytes item must refer to
 
     def __call__(self, code: int, data: bytes) -> Any:
-        if code != EXT_ARRAY:
+        if code == EXT_ARRAY:
+            what, make = "array", self._array
+        elif code == EXT_BYTES:
+            what, make = "bytes item", self._bytes
+        else:
             return _ext_without_frames(code, data)
         try:
-            return self._array(data)
+            return make(data)
         except DecodeError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise DecodeError(f"not a zpipe data message: a bad array: {_why(exc)}") from None
+            raise DecodeError(f"not a zpipe data message: a bad {what}: {_why(exc)}") from None
+
+    def _frame(self, index: Any, what: str) -> Any:
+        """Frame ``index``, which must be the next one, as the k-th referring ext claims."""
+        frames = self.frames
+        if type(index) is not int or index != self.next or index >= len(frames):
+            raise DecodeError(f"{what} refers to frame {_brief(index)} of {len(frames)} "
+                              f"(the next is frame {self.next})")
+        self.next = index + 1
+        return frames[index]
 
     def _array(self, data: bytes) -> Any:
         header = msgpack.unpackb(data)
@@ -515,42 +687,137 @@ class _Arrays:
             raise DecodeError(f"an array's header {_brief(header)} is not "
                               f"[frame_index, dtype, shape]")
         index, wire, shape = header
-        frames = self.frames
-        if type(index) is not int or index != self.next or index >= len(frames):
-            raise DecodeError(f"array refers to frame {_brief(index)} of {len(frames)} "
-                              f"(the next is frame {self.next})")
-        dtype = _dtype_from_wire(wire)
-        if dtype.subdtype is not None or dtype.hasobject:
-            raise DecodeError(f"not an array's dtype: {dtype}")
-        frame = frames[index]
+        frame = self._frame(index, "array")
+        dtype, fragile = _array_dtype(wire)
         buffer = frame.buffer if hasattr(frame, "buffer") else frame
         # Before anything is made: the claimed size must be the bytes received.
         nbytes = _count(shape) * dtype.itemsize
         if nbytes != len(buffer):
             raise DecodeError(f"array {_brief(shape)} of {dtype.str} needs {nbytes} bytes, "
                               f"frame {index} has {len(buffer)}")
-        self.next = index + 1
-        np = _numpy()
         # No bytes (a 0 in the shape, or a dtype of itemsize 0): nothing to
         # allocate, whatever the element count.
-        array = np.ndarray(shape, dtype, buffer=buffer if nbytes else bytearray())
-        if _fragile(dtype) and _unreadable(array):
+        array = _numpy().ndarray(shape, dtype, buffer=buffer if nbytes else bytearray())
+        if fragile and _unreadable(array):
             raise DecodeError(f"array of {dtype.str} holds bytes that are no value of it")
         return array
 
+    def _bytes(self, data: bytes) -> bytes:
+        header = msgpack.unpackb(data)
+        if type(header) is not list or len(header) != 1:
+            raise DecodeError(f"a bytes item's header {_brief(header)} is not [frame_index]")
+        frame = self._frame(header[0], "bytes item")
+        if type(frame) is bytes:
+            return frame
+        # A zmq.Frame: one copy, as user code gets bytes (Frame.bytes keeps it, so
+        # a second decode of the message, see decode_stamped, makes no other).
+        # Anything else with a buffer (a memoryview, a uint8 array): its bytes.
+        got = getattr(frame, "bytes", None)
+        return got if type(got) is bytes else bytes(memoryview(frame))
+
+
+def _array_dtype(wire: Any) -> tuple[Any, bool]:
+    """The dtype of a received array, and whether it is _fragile: a few plain ones
+    are kept, as parsing a dtype string costs more than the rest of a small array."""
+    if type(wire) is str:
+        known = _ARRAY_DTYPES.get(wire)
+        if known is not None:
+            return known
+    dtype = _dtype_from_wire(wire)
+    if dtype.subdtype is not None or dtype.hasobject:
+        raise DecodeError(f"not an array's dtype: {dtype}")
+    known = (dtype, _fragile(dtype))
+    if type(wire) is str:
+        if len(_ARRAY_DTYPES) >= 256:  # bounded: what strangers send only slows this down
+            _ARRAY_DTYPES.clear()
+        _ARRAY_DTYPES[wire] = known
+    return known
+
+
+_ARRAY_DTYPES: dict[str, tuple[Any, bool]] = {}
+
 
 def _ext_without_frames(code: int, data: bytes) -> Any:
-    if code == EXT_SCALAR:
-        try:
-            return _scalar(data)
-        except DecodeError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise DecodeError(f"not a zpipe data message: a bad numpy scalar: {_why(exc)}") \
-                from None
-    if code == EXT_ARRAY:
+    if code == EXT_INLINE:
+        # The start of an inline array received (and checked) before, with as many
+        # bytes after it as it said: only those bytes are new.
+        known = _INLINE_RECEIVED.get(len(data))
+        if known is not None and data.startswith(known[0]):
+            prefix, dtype, shape, fragile = known
+            try:
+                array = _np.frombuffer(bytearray(data[len(prefix):]), dtype)
+                if len(shape) != 1:
+                    array = array.reshape(shape)
+                if not fragile or not _unreadable(array):
+                    return array
+            except Exception as exc:  # noqa: BLE001
+                raise DecodeError(f"not a zpipe data message: a bad inline array: "
+                                  f"{_why(exc)}") from None
+            raise DecodeError(f"inline array of {dtype.str} holds bytes that are no value of it")
+        what, make = "inline array", _inline
+    elif code == EXT_SCALAR:
+        what, make = "numpy scalar", _scalar
+    elif code == EXT_ARRAY:
         raise DecodeError("array refers to a frame, in a message of 1 frame")
-    raise DecodeError(f"not a zpipe data message: extension type {code}")
+    elif code == EXT_BYTES:
+        raise DecodeError("bytes item refers to a frame, in a message of 1 frame")
+    else:
+        raise DecodeError(f"not a zpipe data message: extension type {code}")
+    try:
+        return make(data)
+    except DecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise DecodeError(f"not a zpipe data message: a bad {what}: {_why(exc)}") from None
+
+
+def _inline(data: bytes) -> Any:
+    """A small array, inside the header: copied out, so that it is writable and its own."""
+    value = msgpack.unpackb(data)
+    if type(value) is not list or len(value) != 3 or type(value[2]) is not bytes:
+        raise DecodeError(f"an inline array {_outline(value)} is not [dtype, shape, bytes]")
+    wire, shape, raw = value
+    known = _ARRAY_DTYPES.get(wire) if type(wire) is str else None
+    dtype, fragile = known if known is not None else _array_dtype(wire)
+    # Before anything is made: the claimed size must be the bytes received.
+    if type(shape) is list and len(shape) == 1 and type(shape[0]) is int and \
+            0 <= shape[0] < _INTP:
+        nbytes = shape[0] * dtype.itemsize  # the usual shape, checked at once
+    else:
+        nbytes = _count(shape) * dtype.itemsize
+    if nbytes != len(raw):
+        raise DecodeError(f"inline array {_brief(shape)} of {dtype.str} needs {nbytes} bytes, "
+                          f"it has {len(raw)}")
+    # Its own writable memory (no other item's: each has its bytearray); none
+    # for an array of 0 bytes, whatever its element count.
+    np = _np or _numpy()
+    if nbytes:
+        array = np.frombuffer(bytearray(raw), dtype)  # faster than ndarray(shape, ...)
+        if len(shape) != 1:
+            array = array.reshape(shape)
+        if len(_INLINE_RECEIVED) >= 256:  # bounded: what strangers send only slows this down
+            _INLINE_RECEIVED.clear()
+        # [wire, shape, bytes]: the bytes end the data (unpackb took all of it).
+        _INLINE_RECEIVED[len(data)] = (data[:len(data) - nbytes], dtype, shape, fragile)
+    else:
+        array = np.ndarray(shape, dtype, buffer=bytearray())
+    if fragile and _unreadable(array):
+        raise DecodeError(f"inline array of {dtype.str} holds bytes that are no value of it")
+    return array
+
+
+# len(data) -> (its start up to the array's bytes, dtype, shape, fragile) of inline
+# arrays received, whose checks passed: one of the same length and start differs
+# only in its bytes.
+_INLINE_RECEIVED: dict[int, tuple[bytes, Any, list[int], bool]] = {}
+
+
+def _outline(value: Any) -> str:
+    """What a received list holds, by type (its bytes may be large): else _brief."""
+    if type(value) is list:
+        return "[" + ", ".join(type(v).__name__ for v in value[:8]) + \
+            (", ..." if len(value) > 8 else "") + "]"
+    return _brief(value)
 
 
 def _scalar(data: bytes) -> Any:

@@ -1,0 +1,159 @@
+"""The Outbox's fast path: outputs packed and appended without the lock, batches still bounded,
+and the Flusher taking a batch while outputs keep coming loses or repeats none."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import zmq
+
+from zpipe.replica import outbox as outbox_module
+from zpipe.replica.control import Control
+from zpipe.replica.outbox import Outbox
+from zpipe.wire import codec
+
+
+@pytest.fixture
+def link():
+    """A PUSH -> PULL link over inproc with room for everything, and a control
+    DEALER with nobody behind it."""
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 0)
+    pull.bind("inproc://outbox")
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect("inproc://outbox")
+    control = ctx.socket(zmq.DEALER)
+    control.connect("inproc://nobody")
+    yield push, pull, Control(control)
+    ctx.destroy(linger=0)
+
+
+def receive(pull: zmq.Socket, count: int, timeout: float = 20.0) -> list[list]:
+    """The messages (each a list of items) until ``count`` items have come."""
+    messages, got, deadline = [], 0, time.monotonic() + timeout
+    while got < count and time.monotonic() < deadline:
+        if pull.poll(50):
+            items = codec.decode(pull.recv_multipart())
+            messages.append(items)
+            got += len(items)
+    return messages
+
+
+def spin(seconds: float) -> None:
+    """Busy in 'user code', holding the GIL as a stage's Python would."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_outputs_arrive_once_and_in_order_while_the_flusher_takes_batches(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    count = 60_000
+    received: list[list] = []
+    reader = threading.Thread(target=lambda: received.extend(receive(pull, count)))
+    reader.start()
+    try:
+        assert outbox.send != outbox.put  # the fast path is what this tests
+        for i in range(count):
+            outbox.send(i)
+            # Pauses of every length around BATCH_WAIT, between checkpoints
+            # too: the Flusher takes batches while this thread keeps appending.
+            if i % 37 == 0:
+                spin((i % 5) * 0.0004)
+        outbox.flush()
+        reader.join(30)
+    finally:
+        outbox.close()
+    items = [item for message in received for item in message]
+    assert items == list(range(count))
+    assert outbox.sent == count and outbox.unsent() == 0
+
+
+def test_a_fast_stream_travels_in_bounded_batches(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        small, large = [{"id": i, "pad": "x" * 60} for i in range(20_000)], \
+            [b"y" * 5000 for _ in range(400)]
+        for item in small + large:
+            outbox.send(item)
+        outbox.flush()
+        messages = receive(pull, len(small) + len(large))
+    finally:
+        outbox.close()
+    assert sum(map(len, messages)) == len(small) + len(large)
+    # Several to a message, as put() batches them...
+    assert len(messages) < len(small) / 50
+    # ...and never past its bounds by more than one look's worth of outputs.
+    slack = outbox_module.CHECK_EVERY
+    assert max(map(len, messages)) <= outbox.batch_items + slack
+    sizes = [len(codec.encode(message)[0]) for message in messages]
+    assert max(sizes) <= outbox_module.BATCH_BYTES + slack * 200 + 5100
+
+
+def test_an_output_after_a_pause_leaves_at_once(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        time.sleep(0.01)  # a pause longer than IDLE_GAP: the link is idle
+        outbox.send("alone")
+        # No flush(): the output must be on its way by itself.
+        assert pull.poll(2000), "an output after a pause waited for others"
+        assert codec.decode(pull.recv_multipart()) == ["alone"]
+    finally:
+        outbox.close()
+
+
+def test_an_output_waiting_in_a_batch_leaves_while_its_stage_is_busy(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        for i in range(3):  # a batch begins, and the next outputs join it
+            outbox.send(i)
+        got: list = []
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            spin(0.002)  # inside a long call: only the Flusher can send them
+            while pull.poll(0):
+                got += codec.decode(pull.recv_multipart())
+        assert got == [0, 1, 2]
+    finally:
+        outbox.close()
+
+
+def test_outputs_with_arrays_or_large_bytes_leave_at_once_with_their_frames(link):
+    np = pytest.importorskip("numpy")
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        outbox.send({"n": 1})
+        big = np.arange(100_000, dtype=np.float32)  # over 64 KiB: a frame of its own
+        outbox.send({"image": big})
+        outbox.send(b"z" * 200_000)
+        messages = receive(pull, 3)
+    finally:
+        outbox.close()
+    items = [item for message in messages for item in message]
+    assert items[0] == {"n": 1}
+    assert (items[1]["image"] == big).all()
+    assert items[2] == b"z" * 200_000
+
+
+def test_an_unsendable_output_is_named_and_the_batch_goes_on(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        outbox.send(1)
+        with pytest.raises(Exception, match="type set"):
+            outbox.send({"bad": {1, 2}})
+        outbox.send(2)
+        outbox.flush()
+        items = [item for message in receive(pull, 2) for item in message]
+    finally:
+        outbox.close()
+    assert items == [1, 2]
