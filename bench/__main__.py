@@ -1,4 +1,4 @@
-"""`python -m bench`: every scenario of issues 4 and 14, zpipe against raw pyzmq,
+"""`python -m bench`: every scenario of issues 4, 14 and 15, zpipe against raw pyzmq,
 the in-process floor and its peers (pipeline-lib, multiprocessing.Pool, Ray Data
 when installed) measured in the same run, printed as one table.
 
@@ -6,6 +6,7 @@ when installed) measured in the same run, printed as one table.
     python -m bench --quick          # smaller counts: a smoke test
     python -m bench --only latency   # one scenario (or several: --only small,arrays)
     python -m bench --only batched,bytes,smallarrays,tcp,many,pool,ray   # issue 14's
+    python -m bench --only batching,latest,concurrency                   # issue 15's
     python -m bench --markdown       # the table as Markdown, for BENCHMARKS.md
     python -m bench --json out.json  # also write every figure
     python -m bench --repeat 7       # best of 7 runs per figure (full: 5, quick: 1)

@@ -65,7 +65,8 @@ SMALL_ARRAY_SIZES = (("100 B", 100, "small_arrays"), ("10 kB", 10_000, "small_ar
 # costly_item), the batch, the low rate's period, the latency samples left out.
 # latest: the source's frames/s, the stage's seconds a call, the most frames behind.
 # concurrency: the call's wait, the calls in flight, the target. The slow runs of
-# these three (seconds each) are taken min(repeat, rounds) times, not repeat.
+# these (seconds each) are taken min(repeat, rounds) times (--repeat N: N), and the
+# low-rate latency runs once each.
 BATCH_COST = {"per_call": 0.010, "per_item": 0.0001}
 BATCH = {"max_items": 32, "max_wait_ms": 5}
 BATCH_PERIOD = 0.050
@@ -585,20 +586,20 @@ def batching(n: dict) -> list[Row]:
     ref = scenarios.batching_latency(count, BATCH_PERIOD, cost, None)
     got = scenarios.batching_latency(count, BATCH_PERIOD, cost, BATCH)
     keep = slice(BATCH_WARMUP, None)
-    ref_latency, latency_ = ref["latencies"][keep], got["latencies"][keep]
+    ref_latency, batched_latency = ref["latencies"][keep], got["latencies"][keep]
     ref_p50 = scenarios.percentile(ref_latency, 0.5)
     # What batching adds: each batched item's latency minus the unbatched path's p50
     # (its tail is not subtracted: the stricter way round).
-    extra = [v - ref_p50 for v in latency_]
+    extra = [v - ref_p50 for v in batched_latency]
     bound = BATCH["max_wait_ms"] / 1e3 + one_call
     p50, p99 = _p50_p99(extra)
     rows.append(Row("batch: latency it adds at 20 items/s, p99", f"{_ms(p99)} (p50 {_ms(p50)})",
                     f"{_ms(ref_p50)} p50 (same stage, no batch), subtracted from "
-                    f"{_ms(scenarios.percentile(latency_, 0.5))}",
+                    f"{_ms(scenarios.percentile(batched_latency, 0.5))}",
                     f"{p99 / bound:.2f} of bound", f"<= {_ms(bound)} (max_wait + call)",
                     "PASS" if p99 <= bound else "FAIL",
                     {"extra_p50": p50, "extra_p99": p99, "bound": bound,
-                     "reference_p50": ref_p50, "latencies": latency_,
+                     "reference_p50": ref_p50, "latencies": batched_latency,
                      "reference_latencies": ref_latency,
                      "sizes": sorted(set(got["sizes"][keep]))}))
     # Stricter, for information: the time an item spends in the batched stage (its
@@ -607,7 +608,7 @@ def batching(n: dict) -> list[Row]:
     # path's time from the send to its call, p50), against max_wait_ms.
     transport = scenarios.percentile([v - c for v, c in zip(ref_latency, ref["calls"][keep])],
                                      0.5)
-    inside = [v - transport for v in latency_]
+    inside = [v - transport for v in batched_latency]
     calls = got["calls"][keep]
     p50, p99 = _p50_p99(inside)
     rows.append(Row("same, time in the batched stage, p99", f"{_ms(p99)} (p50 {_ms(p50)})",
@@ -649,7 +650,7 @@ def latest(n: dict) -> list[Row]:
     ok = dropped + processed == produced == count and processed == result["count"]
     rows.append(Row("latest: dropped + processed vs produced",
                     f"{dropped:,} + {processed:,} = {dropped + processed:,}",
-                    f"{produced:,} produced (summary JSON; {count:,} sent by the source)",
+                    f"{produced:,} produced (the source's sent, summary JSON)",
                     target="= produced", result="PASS" if ok else "FAIL",
                     data={"produced": produced, "dropped": dropped, "processed": processed,
                           "received": result["received"], "at_sink": result["count"]}))
@@ -701,8 +702,8 @@ SCENARIOS = {"small": small, "arrays": arrays, "latency": latency, "startup": st
 
 def run(names: list[str], quick: bool, repeat: int | None = None) -> list[Row]:
     sizes = dict(SIZES["quick" if quick else "full"])
-    if repeat:
-        sizes["repeat"] = repeat
+    if repeat:  # --repeat N: N runs of the slow ones of issue 15 too
+        sizes["repeat"] = sizes["rounds"] = repeat
     rows: list[Row] = []
     for name in names:
         started = time.monotonic()

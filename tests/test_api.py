@@ -376,6 +376,45 @@ def test_pipeline_lib_image_batch_example(mode):
     assert sum(eval(counts[1]).values()) == 24
 
 
+def _running(marker: str) -> list[int]:
+    """Live processes whose command line holds ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                argv = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if marker in argv and stat[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_async_download_example(mode):
+    # It serves its own pages on 127.0.0.1 (no network), downloads every one with
+    # sixteen GETs in flight, faster than one at a time, and leaves nothing running.
+    import importlib.util
+    program = EXAMPLES / "async_download.py"
+    spec = importlib.util.spec_from_file_location("async_download", program)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = subprocess.run([sys.executable, str(program), mode], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    got = re.fullmatch(r"downloaded (\d+) pages, ([\d,]+) bytes, in ([\d.]+) s \(.*\)\n"
+                       r"one at a time would take ([\d.]+) s \(.*\): ([\d.]+)x as long\n",
+                       result.stdout)
+    assert got, result.stdout
+    assert int(got[1]) == example.PAGES
+    assert int(got[2].replace(",", "")) == sum(len(example.page_of(i))
+                                               for i in range(example.PAGES))
+    assert float(got[4]) >= sum(example.delay_of(i) for i in range(example.PAGES))
+    assert float(got[5]) >= 2, result.stdout  # about 10x here; start-up is in the elapsed time
+    assert not _running(str(program))
+
+
 # -- defects found by peers' suites and fault injection -----------------------------------
 
 class PlusOne(zpipe.Stage):

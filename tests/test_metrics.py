@@ -167,3 +167,17 @@ def test_close_frees_the_port(exporter):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
     assert exporter().start(port) == port
     scrape(port)
+
+
+def test_batches_are_counted_and_their_mean_size_is_a_gauge(exporter):
+    batched = stage("batcher", [replica("batcher-0", 0, True, 90, 90)],
+                    batches=30, batch_items=90, batch_size_mean=3.0)
+    plain = stage("writer", [replica("writer-0", 0, True, 90, 0)])
+    samples = scrape(exporter(lambda: {**SNAPSHOT, "stages": [batched, plain]}).start(0))
+    at = labels(stage="batcher")
+    assert samples["zpipe_batches_total", at] == 30
+    assert samples["zpipe_batch_items_total", at] == 90
+    assert samples["zpipe_batch_size_mean", at] == 3.0
+    # A stage without batched calls has no mean (rather than a made-up 0).
+    assert ("zpipe_batch_size_mean", labels(stage="writer")) not in samples
+    assert samples["zpipe_batches_total", labels(stage="writer")] == 0

@@ -63,3 +63,30 @@ def test_run_returns_figures_per_stage_that_match_its_counts():
     assert middle["p50"] >= 0.001
     assert summary["bottleneck"]["stage"] == middle["name"], by_name
     assert summary["stages"][2]["end_to_end"]["count"] >= 1  # stamps reached the sink
+
+
+def test_run_reports_batch_sizes_and_drops_per_stage():
+    def numbers():
+        for i in range(400):
+            time.sleep(0.0002)
+            yield i
+
+    def batched(items):
+        time.sleep(0.002)
+        return items
+
+    def newest(x):
+        time.sleep(0.005)
+        return x
+
+    outcome = zpipe.run([zpipe.Task(numbers),
+                         zpipe.Task(batched, batch={"max_items": 16, "max_wait_ms": 2}),
+                         zpipe.Task(newest, input="latest"), zpipe.Task(lambda x: None)])
+    assert outcome.status == "ok"
+    _, batcher, latest, sink = outcome.summary["stages"]
+    assert batcher["batch_items"] == 400 and 1 <= batcher["batches"] <= 400
+    assert batcher["batch_size_mean"] == batcher["batch_items"] / batcher["batches"]
+    assert [r["batches"] for r in batcher["replica_figures"]] == [batcher["batches"]]
+    assert latest["dropped"] > 0 and latest["dropped"] + latest["sent"] == 400
+    assert sink["received"] == latest["sent"] and sink["dropped"] == 0
+    assert latest["batches"] == 0 and latest["batch_size_mean"] is None

@@ -255,9 +255,18 @@ def test_stage_subclass_as_source_needs_generate():
 
 @pytest.mark.parametrize("target", [async_plain, async_gen])
 @pytest.mark.parametrize("first", [True, False])
-def test_async_rejected(target, first):
+def test_async_rejected_where_no_event_loop_runs_it(target, first):
     with pytest.raises(ConfigError, match=r"stage 'st'.*async"):
         classify(target, first, None, WHERE)
+
+
+def test_an_async_def_after_the_first_stage_is_a_plain_function_on_a_loop():
+    # resolve_stage allows it: its replicas run it on an event loop (concurrency.py).
+    assert classify(async_plain, False, None, WHERE, allow_async=True) is Shape.PLAIN
+    for first, target, stream in [(True, async_plain, None), (False, async_gen, None),
+                                  (False, async_plain, True)]:
+        with pytest.raises(ConfigError, match="never a source"):
+            classify(target, first, stream, WHERE, allow_async=True)
 
 
 # --- check_params --------------------------------------------------------------------------

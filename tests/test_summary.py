@@ -178,3 +178,19 @@ def test_render_leaves_columns_out_rather_than_squeeze_names(width: int) -> None
     header = table_lines[1].split()
     assert header[:2] == ["stage", "replicas" if width >= 100 else "in"]
     assert ("idle" in header) == (width >= 100)
+
+
+def test_the_batch_and_dropped_columns_appear_only_where_a_stage_has_them() -> None:
+    snapshot = slow_detector()
+    plain = summary.render(snapshot)
+    assert " batch" not in plain and "dropped" not in plain
+    snapshot["stages"][1].update(batches=4000, batch_items=12000, batch_size_mean=3.0)
+    snapshot["stages"][2].update(dropped=25)
+    text = summary.render(snapshot, width=200)
+    header = next(line for line in text.splitlines() if line.lstrip().startswith("stage"))
+    assert header.split()[-2:] == ["dropped", "batch"]
+    detector = next(line for line in text.splitlines() if line.lstrip().startswith("detector"))
+    tracker = next(line for line in text.splitlines() if line.lstrip().startswith("tracker"))
+    assert detector.split()[-2:] == ["0", "3.0"] and tracker.split()[-2:] == ["25", "—"]
+    assert summary.batch_mean(snapshot["stages"][1]) == 3.0
+    assert summary.batch_mean(snapshot["stages"][0]) is None

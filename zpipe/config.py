@@ -20,6 +20,7 @@ from typing import Any
 
 from .deploy.resources import Resources, parse_resources, parse_volumes
 from .errors import ConfigError
+from .replica.batching import Batching, parse_batch
 
 DEFAULT_HWM = 100
 DEFAULT_GRACE = 5.0
@@ -72,7 +73,8 @@ PIPELINE_KEYS = {"name", "hwm", "grace", "control", "startup_timeout", "inactivi
                  "keys", "max_message_size", "dead_letters", "service"}
 STAGE_KEYS = {"name", "run", "params", "replicas", "hwm", "stream", "address", "ordered",
               "max_message_size", "restart", "max_restarts", "restart_window", "on_error",
-              "max_errors", "item_timeout", "total", "resources", "volumes"}
+              "max_errors", "item_timeout", "total", "resources", "volumes", "batch", "input",
+              "concurrency", "gpus"}
 
 # Resilience (README: "When replicas fail").
 RESTART_POLICIES = ("no", "on-failure")
@@ -82,6 +84,13 @@ DEFAULT_RESTART_WINDOW = 60.0
 MAX_RESTARTS_LIMIT = 10_000
 DEFAULT_DEAD_LETTERS = "dead-letters"  # next to pipeline.toml
 MAX_TOTAL = 2**63 - 1  # a source's total: any count msgpack carries
+
+# Stage execution (README: "Batches, latest frames, concurrency, GPUs").
+INPUT_POLICIES = ("all", "latest")
+ENV_GPU = "CUDA_VISIBLE_DEVICES"  # set per replica of a stage with gpus (launcher, zpipe.run)
+MAX_CONCURRENCY = 1024  # items in flight in one replica (threads or tasks)
+MAX_GPUS_LISTED = 256
+GPU_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9:._-]*")  # an index, a UUID or a MIG id
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,16 @@ class StageSpec:
     # and the folders it writes that should outlive its container.
     resources: Resources | None = None
     volumes: tuple[str, ...] = ()
+    # How a replica drives its callable (replica/batching.py and README): lists
+    # of waiting items, only the newest input, several calls at once, a GPU each.
+    batch: Batching | None = None
+    input: str = "all"               # "latest": older waiting inputs are dropped, and counted
+    concurrency: int = 1
+    gpus: tuple[int | str, ...] = ()  # replica i sees gpus[i % len(gpus)] (CUDA_VISIBLE_DEVICES)
+
+    def gpu_of(self, replica: int) -> str | None:
+        """The CUDA_VISIBLE_DEVICES of one replica, or None for a stage without gpus."""
+        return str(self.gpus[replica % len(self.gpus)]) if self.gpus else None
     # The callable itself, for pipelines declared in Python (zpipe.Task);
     # ``run`` is then only a label.
     target: Any = field(default=None, compare=False, repr=False)
@@ -395,12 +414,47 @@ def _stage(raw: Any, position: int, default_hwm: int, where: str, target: Any,
         total = _count_field(raw, "total", 0, label, MAX_TOTAL)
     resources = parse_resources(raw.get("resources"), label)
     volumes = parse_volumes(raw.get("volumes"), label)
+    batch = parse_batch(raw.get("batch"), label)
+    input_policy = _choice(raw, "input", INPUT_POLICIES, label)
+    concurrency = _whole_number(raw, "concurrency", 1, label, MAX_CONCURRENCY)
+    if position == 1:
+        for key, default in (("batch", None), ("input", "all"), ("concurrency", 1)):
+            if raw.get(key, default) != default:
+                raise ConfigError(f"{label}: field {key!r} is about how a stage takes its "
+                                  f"input; the first stage has none")
+    if batch is not None and concurrency > 1:
+        raise ConfigError(f"{label}: fields 'batch' and 'concurrency' together: a batched "
+                          f"call already takes many items at once; choose one")
+    gpus = _gpus(raw.get("gpus"), label)
+    if gpus and resources is not None and resources.gpu:
+        raise ConfigError(f"{label}: fields 'gpus' and 'resources.gpu' together: 'gpus' gives "
+                          f"each replica one device of its list, 'resources.gpu' asks for a "
+                          f"number of any; choose one")
     return StageSpec(name=name, run=run, params=params, replicas=replicas, hwm=hwm,
                      stream=stream, address=address, ordered=ordered, target=target,
                      max_message_size=max_size, restart=restart, max_restarts=max_restarts,
                      restart_window=restart_window, on_error=on_error, max_errors=max_errors,
                      item_timeout=item_timeout, total=total, resources=resources,
-                     volumes=volumes)
+                     volumes=volumes, batch=batch, input=input_policy, concurrency=concurrency,
+                     gpus=gpus)
+
+
+def _gpus(raw: Any, where: str) -> tuple[int | str, ...]:
+    """``gpus = [0, 1]``: device indexes (or UUIDs) the replicas take in turn."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_GPUS_LISTED:
+        raise ConfigError(f"{where}: field 'gpus' must be a list of 1 to {MAX_GPUS_LISTED} GPU "
+                          f"indexes, as [0, 1] (got {_shown(raw)})")
+    for gpu in raw:
+        if isinstance(gpu, bool) or not (
+                (isinstance(gpu, int) and 0 <= gpu < 2**31) or
+                (isinstance(gpu, str) and len(gpu) <= MAX_NAME_LENGTH * 2
+                 and GPU_ID_RE.fullmatch(gpu))):
+            raise ConfigError(f"{where}: field 'gpus': {_shown(gpu)} is not a GPU index (a "
+                              f"whole number >= 0) or id (such as \"GPU-8f3c...\" or "
+                              f"\"MIG-...\")")
+    return tuple(raw)
 
 
 def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:

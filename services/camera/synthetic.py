@@ -7,6 +7,7 @@ runs anywhere with no downloads; downstream teams only rely on the item shape
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -45,14 +46,20 @@ def _make_blobs(count: int, width: int, height: int, rng: np.random.Generator) -
 
 
 def frames(count: int = 300, width: int = 160, height: int = 120, blobs: int = 4,
-           fps: float = 30.0, seed: int = 0) -> Iterator[dict]:
-    """Yield ``count`` frames; the same ``seed`` always gives the same video."""
+           fps: float = 30.0, seed: int = 0, realtime: bool = False) -> Iterator[dict]:
+    """Yield ``count`` frames; the same ``seed`` always gives the same video.
+
+    ``realtime``: at ``fps``, as a real camera would (live.toml); otherwise as
+    fast as the pipeline takes them."""
     if blobs < 1 or height / blobs < 2 * max(h for _, h in KINDS.values()) + 8:
         raise ValueError(f"{blobs} blob lanes do not fit in a frame {height} pixels high")
     rng = np.random.default_rng(seed)
     scene = _make_blobs(blobs, width, height, rng)
     ys, xs = np.mgrid[0:height, 0:width]
+    started = time.monotonic()
     for i in range(count):
+        if realtime:
+            time.sleep(max(0.0, started + i / fps - time.monotonic()))
         # Sensor noise around a dark level, well under any sensible detection threshold.
         image = rng.normal(30.0, 8.0, size=(height, width))
         for blob in scene:

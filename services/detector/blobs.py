@@ -7,6 +7,8 @@ between frames: every frame is detected on its own and carries its number on.
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -22,10 +24,14 @@ class BlobDetector(zpipe.Stage):
     needs it and it is by far the largest part of the item.
     """
 
-    def __init__(self, threshold: int = 128, min_area: int = 12, smooth: int = 3):
+    def __init__(self, threshold: int = 128, min_area: int = 12, smooth: int = 3,
+                 slow_ms: float = 0.0):
         self.threshold = threshold
         self.min_area = min_area
         self.smooth = smooth
+        # Extra time per call, standing in for a heavy model (live.toml): a
+        # detector slower than its camera.
+        self.slow = slow_ms / 1000.0
         self.frames = 0
 
     def setup(self) -> None:
@@ -33,20 +39,43 @@ class BlobDetector(zpipe.Stage):
         # kernel that evens out single hot pixels before thresholding.
         self.kernel = np.full((self.smooth, self.smooth), 1.0 / self.smooth**2)
 
-    def process(self, item: dict) -> dict:
+    def process(self, item: Any) -> Any:  # a frame dict, or with `batch` a list of them
+        # With `batch` in pipeline.toml a call gets the frames waiting, as a
+        # list, and smooths them in one numpy pass (a GPU model would take them
+        # as one tensor); without it, one frame. See services/README.md.
+        if self.slow:
+            time.sleep(self.slow)
+        if isinstance(item, list):
+            return self._detect_many(item)
         self.frames += 1
         mask = self._smoothed(item["image"]) > self.threshold
         return {"frame": item["frame"], "ts": item["ts"], "boxes": self._boxes(mask)}
 
+    def _detect_many(self, items: list[dict]) -> list[dict]:
+        self.frames += len(items)
+        self.calls = getattr(self, "calls", 0) + 1
+        shapes = {item["image"].shape for item in items}
+        if len(shapes) > 1:  # frames of several sizes: one by one
+            masks = [self._smoothed(item["image"]) > self.threshold for item in items]
+        else:
+            masks = list(self._smoothed(np.stack([item["image"] for item in items]))
+                         > self.threshold)
+        return [{"frame": item["frame"], "ts": item["ts"], "boxes": self._boxes(mask)}
+                for item, mask in zip(items, masks)]
+
     def teardown(self) -> None:
         # Goes to the launcher's terminal: shows how the frames were spread over replicas.
-        print(f"detector pid {os.getpid()}: {self.frames} frames", flush=True)
+        calls = getattr(self, "calls", 0)
+        batches = f" in {calls} batches" if calls else ""
+        print(f"detector pid {os.getpid()}: {self.frames} frames{batches}", flush=True)
 
-    def _smoothed(self, image: np.ndarray) -> np.ndarray:
+    def _smoothed(self, images: np.ndarray) -> np.ndarray:
+        """One image (height, width) or a stack of them (n, height, width)."""
         pad = self.smooth // 2
-        padded = np.pad(image.astype(np.float32), pad, mode="edge")
-        windows = sliding_window_view(padded, self.kernel.shape)
-        return np.einsum("ijkl,kl->ij", windows, self.kernel)
+        widths = [(0, 0)] * (images.ndim - 2) + [(pad, pad), (pad, pad)]
+        padded = np.pad(images.astype(np.float32), widths, mode="edge")
+        windows = sliding_window_view(padded, self.kernel.shape, axis=(-2, -1))
+        return np.einsum("...ijkl,kl->...ij", windows, self.kernel)
 
     def _boxes(self, mask: np.ndarray) -> list[list[int]]:
         labels = _label(mask)

@@ -63,7 +63,10 @@ class Task:
     outputs leave in input order. ``restart``, ``max_restarts``,
     ``restart_window``, ``on_error``, ``max_errors``, ``item_timeout`` and
     ``total`` are pipeline.toml's fields of the same names (README: "When
-    replicas fail", "Watching a run").
+    replicas fail", "Watching a run"), and so are ``batch`` (a dict:
+    ``{"max_items": 32, "max_wait_ms": 5}``), ``input`` ("latest"),
+    ``concurrency`` and ``gpus`` (README: "Batches, latest frames,
+    concurrency, GPUs").
     """
 
     fn: Any
@@ -80,6 +83,10 @@ class Task:
     max_errors: int | None = None
     item_timeout: float | None = None
     total: int | None = None  # a source's count of items, for the progress bar (README)
+    batch: dict[str, Any] | None = None
+    input: str | None = None
+    concurrency: int | None = None
+    gpus: list[int | str] | None = None
 
 
 def _default_name(fn: Any) -> str:
@@ -88,7 +95,8 @@ def _default_name(fn: Any) -> str:
 
 
 _OPTIONAL_FIELDS = ("hwm", "stream", "restart", "max_restarts", "restart_window", "on_error",
-                    "max_errors", "item_timeout", "total")
+                    "max_errors", "item_timeout", "total", "batch", "input", "concurrency",
+                    "gpus")
 
 
 def spec_from_tasks(tasks: Sequence[Task], name: str = "pipeline", hwm: int | None = None,
@@ -211,6 +219,11 @@ class Execution:
         self.mode = mode
         self.thread_stages = set(threads) | ({s.name for s in spec.stages}
                                              if mode == "thread" else set())
+        pinned = [s.name for s in spec.stages if s.gpus and s.name in self.thread_stages]
+        if pinned:
+            raise ConfigError(f"stage {pinned[0]!r}: gpus give each replica its own device "
+                              f"through CUDA_VISIBLE_DEVICES, which is per process: run it "
+                              f"in process mode")
         if spec.keys is not None:
             check_keys(spec)
         self.runtime_dir: str | None = None
@@ -260,12 +273,13 @@ class Execution:
         fork = multiprocessing.get_context("fork")
         janitor = self.janitor
 
-        def forker(name: str, callee: shapes.Callee, replica: int, replicas: int) -> Any:
+        def forker(name: str, callee: shapes.Callee, replica: int, replicas: int,
+                   gpu: str | None) -> Any:
             def start() -> ForkedHandle:
                 assert janitor is not None
                 process = fork.Process(target=worker.forked_main, name=f"zpipe-{name}",
                                        args=(callee, replica, replicas, wiring[name],
-                                             os.getpid(), (janitor.fd,)))
+                                             os.getpid(), (janitor.fd,), gpu))
                 process.start()
                 janitor.watch(process.pid)
                 return ForkedHandle(process)
@@ -274,7 +288,8 @@ class Execution:
             for replica in range(stage.replicas):
                 name = stage.replica_name(replica)
                 # A restart forks from the supervisor's loop: this same thread.
-                self.processes.start(name, forker(name, callee, replica, stage.replicas))
+                self.processes.start(name, forker(name, callee, replica, stage.replicas,
+                                                  stage.gpu_of(replica)))
         self.ctx = zmq.Context()
         self.supervisor = Supervisor(spec, self.addresses.control, self.workers, log.info,
                                      ctx=self.ctx)

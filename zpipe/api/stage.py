@@ -16,7 +16,17 @@ class Stage:
 
     ParallelPipe's ``stage_run(x)`` is accepted in place of ``process``;
     ``set_get_all()`` makes ``process`` receive a list of every item waiting in
-    the input (at least one) and ``set_get_single()`` returns to one at a time.
+    the input (at least one; the list is the item: one output for it) and
+    ``set_get_single()`` returns to one at a time.
+
+    How the stage's table drives ``process`` (README: "Batches, latest frames,
+    concurrency"): with ``batch = {...}`` it receives a list of up to
+    ``max_items`` items and returns a list of as many outputs (``None`` for an
+    item without one), whatever ``set_get_all()`` says; with ``concurrency =
+    N`` up to N calls run at once, on threads, or as tasks on an event loop
+    when ``process`` is an ``async def`` (which also works without
+    ``concurrency``: one call at a time on the loop). ``setup()`` and
+    ``teardown()`` always run on the replica's main thread.
     """
 
     get_all: bool = False
@@ -25,7 +35,8 @@ class Stage:
         """Runs once in the stage's process before the first item."""
 
     def process(self, item: Any) -> Any:
-        """Handles one item (or a list of items after ``set_get_all()``)."""
+        """Handles one item (or a list of items after ``set_get_all()`` or with
+        ``batch``); may be an ``async def``."""
         if type(self).stage_run is not Stage.stage_run:
             return self.stage_run(item)
         raise NotImplementedError(f"{type(self).__name__} must define process(self, item)")

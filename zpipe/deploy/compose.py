@@ -25,7 +25,7 @@ from .export import (
     stop_grace,
     to_yaml,
 )
-from .resources import volume_name
+from .resources import stage_resources, volume_name
 
 # Ready, not only alive: `docker ps` then tells a replica that drains (or has
 # not been started by the supervisor yet) from one that takes work.
@@ -61,8 +61,9 @@ def compose(spec: PipelineSpec, file: str | Path, image: str, context: str | Pat
                 "stop_grace_period": grace,
                 "healthcheck": HEALTHCHECK,
             }
-            if stage.resources is not None and stage.resources.compose():
-                service["deploy"] = {"resources": stage.resources.compose()}
+            resources = stage_resources(stage).compose(stage.gpu_of(replica))
+            if resources:
+                service["deploy"] = {"resources": resources}
             if mounts:
                 service["volumes"] = mounts
             services[name] = service

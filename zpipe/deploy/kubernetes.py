@@ -26,7 +26,9 @@ What each object is for:
 
 Every container runs as a non-root user, pulls its image only if the node
 lacks it, is probed on ``/livez`` and ``/readyz`` (watch/health.py), and gets
-the ``resources`` its stage asks for (deploy/resources.py).
+the ``resources`` its stage asks for (deploy/resources.py); a stage with
+``gpus`` asks for one GPU per pod, which the device plugin picks (pods of one
+template cannot each name theirs).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from .export import (
     stop_grace,
     to_yaml,
 )
-from .resources import volume_name
+from .resources import stage_resources, volume_name
 
 # Names of Services and pod hostnames are DNS labels (RFC 1035).
 DNS_LABEL_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -93,8 +95,9 @@ def kubernetes(spec: PipelineSpec, file: str | Path, image: str, context: str | 
                    stage.name]
         container = _container(stage.name, image, command, env, stage_mounts,
                                DATA_PORT if stage is not spec.stages[0] else None, spec.service)
-        if stage.resources is not None and stage.resources.kubernetes():
-            container["resources"] = stage.resources.kubernetes()
+        resources = stage_resources(stage).kubernetes()
+        if resources:
+            container["resources"] = resources
         docs += _unit(spec, stage.name, "stage", stage.replicas, stage.restart, container,
                       stage_volumes, namespace)
     container = _container(SUPERVISOR, image, ["zpipe", "supervise", "--health-port",

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import StageSpec
 
 RESOURCE_KEYS = ("cpu", "memory", "gpu")
 MAX_GPUS = 64  # per replica; more than any one machine holds
@@ -59,8 +62,9 @@ class Resources:
             out["limits"] = limits
         return out
 
-    def compose(self) -> dict[str, Any]:
-        """A service's ``deploy.resources``: limits, and a GPU reservation."""
+    def compose(self, device: str | None = None) -> dict[str, Any]:
+        """A service's ``deploy.resources``: limits, and a GPU reservation: ``device``
+        (one replica's of a stage with gpus), else a count."""
         out: dict[str, Any] = {}
         limits: dict[str, Any] = {}
         if self.cpu is not None:
@@ -69,10 +73,21 @@ class Resources:
             limits["memory"] = _bytes(self.memory)
         if limits:
             out["limits"] = limits
-        if self.gpu:
-            out["reservations"] = {"devices": [{"driver": "nvidia", "count": self.gpu,
-                                                "capabilities": ["gpu"]}]}
+        reservation: dict[str, Any] = {"driver": "nvidia"}
+        if device is not None:
+            reservation["device_ids"] = [device]  # inside, the container sees it as GPU 0
+        elif self.gpu:
+            reservation["count"] = self.gpu
+        if len(reservation) > 1:
+            out["reservations"] = {"devices": [{**reservation, "capabilities": ["gpu"]}]}
         return out
+
+
+def stage_resources(stage: StageSpec) -> Resources:
+    """What one replica of ``stage`` asks for: its ``resources``, and with ``gpus``
+    one GPU (config refuses ``gpus`` beside ``resources.gpu``)."""
+    resources = stage.resources or Resources()
+    return replace(resources, gpu=1) if stage.gpus else resources
 
 
 def parse_resources(raw: Any, where: str) -> Resources | None:

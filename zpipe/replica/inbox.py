@@ -6,10 +6,12 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import math
 import select
 import time
 from typing import Any, Callable, Iterator
 
+import msgpack
 import zmq
 
 from ..watch.observe import Times
@@ -64,7 +66,15 @@ class Inbox(Inputs):
         self.reorder: Reorder | None = None
         self.owners: collections.deque[Lot] = collections.deque()  # lots of items reordered
         self.duplicates = 0  # entries for inputs already complete: sent again after a loss
-        self.holding = 0  # items of a batch (set_get_all) in the stage's hands
+        self.holding = 0  # items of a batch (set_get_all, batch) or in flight (concurrency.py)
+        # What batches and input = "latest" did (figures for the heartbeat, observe.py):
+        self.batches_taken = 0  # lists handed to the stage (batch, set_get_all)
+        self.batched = 0        # ... and the items in them
+        self.batch_seqs: list[int] = []  # the numbers of the last list's items (numbered links)
+        self.dropped = 0        # items passed over for a newer one (input = "latest")
+        # The driver of calls off the main thread (concurrency.py): a wait for
+        # input also ends when this says so (a call has completed).
+        self.interrupt: Callable[[], bool] | None = None
         # Whether every message on this link carries tags: an ordered stage's
         # input (its Outbox, which takes the seqs, sets this) and, with
         # reorder, the input after an ordered stage. Other links carry none.
@@ -78,6 +88,10 @@ class Inbox(Inputs):
         self.sleep = select.poll()
         self.sleep.register(self.input_fd, select.POLLIN)
         self.sleep.register(control.sock.getsockopt(zmq.FD), select.POLLIN)
+        # ... and, not taking input (concurrency.py, its calls all busy), on the rest.
+        self.sleep_others = select.poll()
+        self.sleep_others.register(control.sock.getsockopt(zmq.FD), select.POLLIN)
+        self.wakes: dict[int, Callable[[], None]] = {}  # more descriptors that wake a wait
         self.woken_fd = -1
         self.on_wake: Callable[[], None] = lambda: None
         self.times = Times()  # the runtime's, shared with its outbox (observe.py)
@@ -153,31 +167,181 @@ class Inbox(Inputs):
                 self.careful(None)
             lots.finish()
 
-    def batches(self) -> Any:
-        """Lists of every item waiting (at least one), for ``set_get_all()``."""
-        lots = self.lots
+    def batches(self, limit: int | None = None, wait: float = 0.0) -> Any:
+        """Lists of the items waiting (at least one).
+
+        Without ``limit`` (``set_get_all()``): every item waiting, taking in
+        messages while fewer than ``batch_limit`` wait. With ``limit``
+        (``batch = {...}``, batching.py): at most ``limit`` items, and while
+        fewer wait, up to ``wait`` seconds for more: a deadline on the input
+        socket, during which commands (ABORT, STOP) are still served and the
+        outbox sends what it holds. An item sent again after a loss, on a
+        stage whose on_error takes failed items, comes alone in its list,
+        named to the supervisor first (``careful``; Poisoned if it is).
+        """
+        bounded = limit is not None
+        limit = limit if limit is not None else self.batch_limit
+        buffer, seqs, lots = self.buffer, self.seqs, self.lots
         while True:
-            while not self.buffer:
+            while not buffer:
                 if not self._fill(block=True):
                     return
-            while len(self.buffer) < self.batch_limit and self._fill(block=False):
+            while len(buffer) < limit and self._fill(block=False):
                 pass
-            batch = list(self.buffer)
-            self.buffer.clear()
-            self.last_item = batch
-            self.holding = len(batch)
+            if wait > 0 and len(buffer) < limit and not self.control.stopped:
+                deadline = _monotonic() + wait
+                while len(buffer) < limit and self._fill(block=True, deadline=deadline):
+                    pass
+            key = None
+            count = len(buffer) if not bounded else min(limit, len(buffer))
+            if bounded and self.careful is not None and lots is not None and not self.owners:
+                count, key = self._careful_count(count)
+            if count == len(buffer):
+                batch = list(buffer)
+                buffer.clear()
+            else:
+                batch = [buffer.popleft() for _ in range(count)]
+            if seqs:
+                self.batch_seqs = [seqs.popleft() for _ in range(min(count, len(seqs)))]
+                self.seq = self.batch_seqs[-1]
             if lots is not None:
                 for _ in batch:
                     lots.hold(self.owners.popleft()) if self.owners else lots.take()
+            cause = self.poison.get(key) if key is not None else None
+            if cause is not None:
+                batch = [Poisoned(batch[0], cause)]
+            elif key is not None:
+                assert self.careful is not None
+                self.careful([*key])
+            self.last_item = batch
+            self.holding = count
+            self.batches_taken += 1
+            self.batched += count
             yield batch
             self.holding = 0
+            if key is not None and cause is None:
+                assert self.careful is not None
+                self.careful(None)
             if lots is not None:
                 lots.finish()
 
-    def _fill(self, block: bool) -> bool:
-        """Receive one message into the buffer; False when none came (ended, or not blocking)."""
+    def _careful_count(self, count: int) -> tuple[int, tuple[bytes, int, int] | None]:
+        """How many of the next ``count`` items may go in one list, on a leased link:
+        those of messages sent for the first time; an item of one sent again goes
+        alone (its key: the supervisor is told of it before the call)."""
+        assert self.lots is not None
+        taking = self.lots.taking
+        if taking and taking[0].attempt:
+            lot = taking[0]
+            return 1, (lot.sender, lot.seq, lot.size - lot.to_take)
+        allowed = 0
+        for lot in taking:
+            if lot.attempt or allowed >= count:
+                break
+            allowed += lot.to_take
+        return max(1, min(count, allowed)), None
+
+    # -- one item at a time, finished in any order (concurrency.py) ---------------
+
+    def take(self) -> tuple[Any, Lot | None, int, tuple[bytes, int, int] | None]:
+        """The next buffered item (there must be one): (item, its lot on a leased link,
+        its number on a numbered one or -1, its key when it was sent again to a
+        careful stage). ``finish(lot)`` once it is done, in whatever order."""
+        item = self.last_item = self.buffer.popleft()
+        seq = self.seqs.popleft() if self.seqs else -1
+        lot = key = None
+        lots = self.lots
+        if lots is not None:
+            if self.owners:
+                lot = self.owners.popleft()
+            else:
+                lot = lots.taking[0]
+                lot.to_take -= 1
+                if not lot.to_take:
+                    lots.taking.popleft()
+                if lot.attempt and self.careful is not None:
+                    key = (lot.sender, lot.seq, lot.size - lot.to_take - 1)
+        return item, lot, seq, key
+
+    def next_is_careful(self) -> bool:
+        """Whether the next item was sent again to a stage that names such items before
+        its call (it must then be the only one in the stage's hands)."""
+        lots = self.lots
+        return self.careful is not None and lots is not None and not self.owners and \
+            bool(lots.taking) and lots.taking[0].attempt > 0
+
+    def finish(self, lot: Lot | None) -> None:
+        """An item ``take`` gave is finished: its outputs are sent, or it was dropped."""
+        if lot is not None:
+            assert self.lots is not None
+            self.lots.done(lot)
+
+    def drop_older(self, end_input: Callable[[], None] | None) -> int:
+        """input = "latest": every buffered item but the newest is dropped: counted,
+        finished (acknowledged on a leased link, so never sent again) and, on an
+        ordered stage's numbered input, closed with a marker."""
+        dropped = 0
+        buffer = self.buffer
+        while len(buffer) > 1:
+            _, lot, seq, _ = self.take()
+            if end_input is not None and seq >= 0:
+                self.seq = seq
+                end_input()
+            if lot is not None:
+                self._finish_dropped(lot)
+            dropped += 1
+        self.dropped += dropped
+        return dropped
+
+    def _finish_dropped(self, lot: Lot) -> None:
+        """A dropped item's lot: once all its items are done, acknowledged at once,
+        ahead of earlier lots still in a call. Lots are otherwise acknowledged in
+        order of arrival (delivery.Lots), which would keep every dropped message
+        unacknowledged behind the one in a long call; its sender may keep only
+        ``hwm`` of them, and would then wait: upstream blocked by a latest stage.
+        A lot without outputs needs nothing else first, and acknowledged it is
+        not sent again after a loss, which is what dropping it means."""
+        lots = self.lots
+        assert lots is not None
+        lot.left -= 1
+        if lot.left:
+            return
+        try:
+            lots.finishing.remove(lot)
+        except ValueError:
+            return
+        lots.send([lot.sender, msgpack.packb([lot.seq])])
+        lots.acknowledge()  # those behind it may be finished too
+
+    def idle_without_input(self, timeout: float | None = None) -> None:
+        """Wait for a command or a wake descriptor, not for input (the stage has all it
+        may hold): the outbox sends what it holds first, commands are handled."""
+        self.before_idle()
+        control = self.control
+        control.check(_monotonic())
+        control.handle()
+        if self.woken_fd >= 0:
+            self.on_wake()
+        if self.interrupt is not None and self.interrupt():
+            return
+        ms = IDLE_POLL_MS if timeout is None else max(0, math.ceil(timeout * 1000))
+        asleep = _monotonic()
+        events = self.sleep_others.poll(ms)
+        if not self.holding:
+            self.times.idle += _monotonic() - asleep
+        for fd, _ in events:
+            if fd == self.woken_fd:
+                self.on_wake()
+            elif fd in self.wakes:
+                self.wakes[fd]()
+            else:
+                control.handle()
+
+    def _fill(self, block: bool, deadline: float | None = None) -> bool:
+        """Receive one message into the buffer; False when none came (ended, not
+        blocking, past ``deadline``, or ``interrupt``)."""
         while True:
-            frames = self._receive(block)
+            frames = self._receive(block, deadline)
             if frames is None:
                 if self.control.stopped:  # ended: the last message's items are done
                     self.times.mark(_monotonic(), 0)
@@ -201,7 +365,8 @@ class Inbox(Inputs):
                     self.lots.arrived(sender, seq, 0)
         self.received += len(items)
         times = self.times
-        times.mark(_monotonic(), len(items))
+        if self.interrupt is None:  # concurrency.py times each call itself
+            times.mark(_monotonic(), len(items))
         if origin is not None:
             if times.end_to_end is not None:
                 times.end_to_end.add(max(0.0, time.time() - origin))
@@ -267,8 +432,9 @@ class Inbox(Inputs):
             if flags & codec.TAG_LAST:
                 closed.add(seq)
 
-    def _receive(self, block: bool) -> list[Any] | None:
-        """The frames of the next message; None when none came (ended, or not blocking)."""
+    def _receive(self, block: bool, deadline: float | None = None) -> list[Any] | None:
+        """The frames of the next message; None when none came (ended, not blocking,
+        past ``deadline``, or ``interrupt`` says a call has completed)."""
         sock, control, lender = self.sock, self.control, self.lender
         wanted_at = _monotonic() if lender is not None else 0.0
         ready = False  # the last poll saw a message waiting
@@ -296,7 +462,11 @@ class Inbox(Inputs):
                 return frames
             if not block or control.stopped:
                 return None
-            ready = self._idle()
+            if deadline is not None and deadline <= _monotonic():
+                return None
+            if self.interrupt is not None and self.interrupt():
+                return None
+            ready = self._idle(deadline)
 
     def _leased(self, frames: list[Any], wanted_at: float) -> list[Any] | None:
         """The data frames of a message on a leased link, once its lease is read; None
@@ -329,8 +499,9 @@ class Inbox(Inputs):
         if self.malformed <= MALFORMED_REPORTED or self.malformed % MALFORMED_EVERY == 0:
             self._log_malformed()
 
-    def _idle(self) -> bool:
-        """Wait for input or a command (handling it); True if input may be waiting.
+    def _idle(self, deadline: float | None = None) -> bool:
+        """Wait for input or a command (handling it), until ``deadline`` if given;
+        True if input may be waiting.
 
         A ZMQ_FD only wakes on activity that came after its socket was last
         looked at, so both sockets are looked at first (the input just was,
@@ -361,14 +532,19 @@ class Inbox(Inputs):
                 return True
         ready = False
         asleep = _monotonic()
-        events = self.sleep.poll(IDLE_POLL_MS)
-        self.times.idle += _monotonic() - asleep
+        timeout = IDLE_POLL_MS if deadline is None else \
+            max(0, min(IDLE_POLL_MS, math.ceil((deadline - asleep) * 1000)))
+        events = self.sleep.poll(timeout)
+        if not self.holding:  # calls in flight (concurrency.py): not idle
+            self.times.idle += _monotonic() - asleep
         for fd, _ in events:
             if fd == self.input_fd:
                 ready = True
             elif fd == self.woken_fd:
                 self.on_wake()
                 ready = ready or bool(zmq.zmq_poll(self.input_only, 0))
+            elif fd in self.wakes:
+                self.wakes[fd]()
             else:
                 control.handle()
         return ready
@@ -377,6 +553,19 @@ class Inbox(Inputs):
         """Also wake an idle wait for ``fd`` (a ZMQ_FD), running ``on_wake``."""
         self.woken_fd, self.on_wake = fd, on_wake
         self.sleep.register(fd, select.POLLIN)
+        self.sleep_others.register(fd, select.POLLIN)
+
+    def add_wake(self, fd: int, callback: Callable[[], None]) -> None:
+        """Also end a wait when ``fd`` (a level-triggered descriptor: a pipe) is
+        readable, calling ``callback`` (which must drain it)."""
+        self.wakes[fd] = callback
+        self.sleep.register(fd, select.POLLIN)
+        self.sleep_others.register(fd, select.POLLIN)
+
+    def remove_wake(self, fd: int) -> None:
+        if self.wakes.pop(fd, None) is not None:
+            self.sleep.unregister(fd)
+            self.sleep_others.unregister(fd)
 
     def unfinished(self, output_taken: bool = False) -> int:
         """Entries received and not finished: buffered, held back for reordering, or in

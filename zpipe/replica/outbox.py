@@ -364,8 +364,17 @@ class Outbox:
         """The seq that the outputs made so far will have gone out in, once sent: an
         input finished now is acknowledged once that seq is (-1: nothing sent yet)."""
         assert self.dispatcher is not None
-        waiting = bool(self.batch.encoded) or self.pending is not _NOTHING
-        return self.dispatcher.outstanding.next_seq - (0 if waiting else 1)
+        # Under the lock: the Flusher may be sending the batch's first outputs
+        # as one message while the last one, appended after it counted them,
+        # waits for the next (see _fast_send); read apart, the seq could name
+        # the message before the output's own, and an input be acknowledged
+        # before its output was delivered.
+        self.lock.acquire()
+        try:
+            waiting = bool(self.batch.encoded) or self.pending is not _NOTHING
+            return self.dispatcher.outstanding.next_seq - (0 if waiting else 1)
+        finally:
+            self.lock.release()
 
     def acked_below(self) -> int:
         assert self.dispatcher is not None

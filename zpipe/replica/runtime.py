@@ -193,7 +193,12 @@ class Replica:
                 "rss": _rss(), "cpu": time.process_time(),
                 "items": times.items.wire(),
                 "end_to_end": times.end_to_end.wire() if times.end_to_end else None,
-                "total": self.total}
+                "total": self.total,
+                # input = "latest" passed these over; lists handed to a batched call
+                # (batch, set_get_all) and the items in them: mean = batch_items / batches.
+                "dropped": inbox.dropped if inbox is not None else 0,
+                "batches": inbox.batches_taken if inbox is not None else 0,
+                "batch_items": inbox.batched if inbox is not None else 0}
 
     def final_counts(self) -> dict[str, int]:
         """counts(), and what it still holds: for its last report, from the main thread

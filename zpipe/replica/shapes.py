@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import contextlib
 import enum
+import functools
 import importlib
 import importlib.machinery
 import inspect
@@ -25,6 +26,7 @@ from ..errors import ConfigError
 
 if typing.TYPE_CHECKING:
     from ..config import PipelineSpec
+    from .batching import Batching
     from .itempolicy import ItemErrors, Policy
 from ..api.stage import Stage
 
@@ -48,10 +50,33 @@ class Callee:
     params: dict[str, Any]
     # on_error, max_errors, item_timeout (itempolicy.py); None: a failed item fails the stage.
     policy: "Policy | None" = None
+    # How its replicas drive it (README: "Batches, latest frames, concurrency"):
+    # lists of waiting items (batching.py); only the newest input, calls off the
+    # main thread, several at once, an async def on an event loop (concurrency.py).
+    batch: "Batching | None" = None
+    latest: bool = False
+    concurrency: int = 1
+    asynchronous: bool = False
+    ordered: bool = False  # outputs in input order (concurrency > 1 keeps to it by itself)
+
+    @property
+    def driven(self) -> bool:
+        """Whether its calls run off the replica's main thread (concurrency.Driver)."""
+        return self.latest or self.concurrency > 1 or self.asynchronous
 
     def describe(self) -> str:
         name = getattr(self.target, "__qualname__", type(self.target).__name__)
-        return f"{name} ({self.shape.value})"
+        how = [self.shape.value]
+        if self.asynchronous:
+            how.append("async")
+        if self.batch is not None:
+            how.append(f"lists of up to {self.batch.max_items} items, waiting up to "
+                       f"{self.batch.max_wait_ms:g} ms")
+        if self.latest:
+            how.append("the newest input only")
+        if self.concurrency > 1:
+            how.append(f"{self.concurrency} calls at once")
+        return f"{name} ({', '.join(how)})"
 
 
 class ImportTimeout(BaseException):
@@ -117,11 +142,22 @@ def import_target(run: str, base_dir: Path | None, where: str) -> Any:
     return target
 
 
-def classify(target: Any, first: bool, stream: bool | None, where: str) -> Shape:
-    """Decide how a stage is called from what it is and where it sits."""
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-        raise ConfigError(f"{where}: async functions are not supported; write a plain "
-                          f"function or a generator")
+def classify(target: Any, first: bool, stream: bool | None, where: str,
+             allow_async: bool = False) -> Shape:
+    """Decide how a stage is called from what it is and where it sits.
+
+    An ``async def`` is a plain function for a stage after the first when
+    ``allow_async`` (resolve_stage: its replicas run it on an event loop,
+    concurrency.py); an async generator, or an async source, never is.
+    """
+    if inspect.isasyncgenfunction(target) or (inspect.iscoroutinefunction(target) and (
+            first or not allow_async or stream)):
+        raise ConfigError(f"{where}: async functions are not supported here; an async def "
+                          f"may be a plain function after the first stage (one call per "
+                          f"item, on an event loop: see 'concurrency'), never a source, a "
+                          f"stream function or an async generator")
+    if inspect.iscoroutinefunction(target):
+        return Shape.PLAIN
     stage_class = target if inspect.isclass(target) else type(target)
     if isinstance(target, Stage) or (inspect.isclass(target) and issubclass(target, Stage)):
         target = stage_class
@@ -219,11 +255,84 @@ def resolve_stage(spec: "PipelineSpec", index: int) -> Callee:
     target = stage.target if stage.target is not None else \
         import_target(stage.run, spec.base_dir, where)
     callee = resolve_target(stage.name, target, stage.params, index == 0, stage.stream,
-                            stage.replicas, where)
+                            stage.replicas, where, allow_async=True)
     if stage.ordered and callee.shape is Shape.STREAM:
         raise ConfigError(f"{where}: field 'ordered': a stream function's outputs cannot be "
                           f"matched to its inputs; use a plain function or a zpipe.Stage")
-    return _with_policy(spec, index, callee, where)
+    return _with_execution(spec, index, _with_policy(spec, index, callee, where), where)
+
+
+def is_async(callee: Callee) -> bool:
+    """Whether the stage's call is an ``async def`` (a function, or a Stage's process)."""
+    target = callee.target
+    if callee.shape is Shape.CLASS:
+        process = getattr(target if inspect.isclass(target) else type(target), "process", None)
+        return inspect.iscoroutinefunction(process)
+    return inspect.iscoroutinefunction(target)
+
+
+def _with_execution(spec: "PipelineSpec", index: int, callee: Callee, where: str) -> Callee:
+    """The callee with how its replicas drive it: batch, input, concurrency; the
+    combinations that cannot work refused here, before anything starts."""
+    stage = spec.stages[index]
+    batch = getattr(stage, "batch", None)
+    latest = getattr(stage, "input", "all") == "latest"
+    concurrency = getattr(stage, "concurrency", 1) or 1
+    asynchronous = is_async(callee)
+    if batch is None and not latest and concurrency == 1 and not asynchronous:
+        return callee if not stage.ordered else _replace(callee, ordered=True)
+    shape = callee.shape
+    what = {Shape.SOURCE: "a source", Shape.SOURCE_CLASS: "a source",
+            Shape.STREAM: "a stream function", Shape.FLATMAP: "a plain generator"}.get(shape)
+    if batch is not None:
+        if shape not in (Shape.PLAIN, Shape.CLASS):
+            why = ("has no input items" if shape in (Shape.SOURCE, Shape.SOURCE_CLASS) else
+                   "takes its items itself (batch them in the function)"
+                   if shape is Shape.STREAM else
+                   "yields any number of outputs per item, so a list of outputs cannot be "
+                   "matched to the list of inputs")
+            raise ConfigError(f"{where}: field 'batch': {what} {why}; 'batch' is for a plain "
+                              f"function or a zpipe.Stage, called with a list of items and "
+                              f"returning a list of as many outputs")
+        if asynchronous:
+            raise ConfigError(f"{where}: field 'batch': the callable is an async def; a "
+                              f"batched call runs on the replica's main thread: make it a "
+                              f"plain def, or drop 'batch' and use 'concurrency'")
+        if latest:
+            raise ConfigError(f"{where}: fields 'batch' and 'input = \"latest\"' together: "
+                              f"'latest' hands each call the newest item only; choose one")
+    for field, wanted in (("input", latest), ("concurrency", concurrency > 1)):
+        if wanted and shape not in (Shape.PLAIN, Shape.CLASS, Shape.FLATMAP):
+            why = ("has no input items" if shape in (Shape.SOURCE, Shape.SOURCE_CLASS) else
+                   "takes its items itself, in one call, so they cannot be handed to it one "
+                   "by one")
+            raise ConfigError(f"{where}: field {field!r}: {what} {why}; it is for a plain "
+                              f"function, a plain generator or a zpipe.Stage")
+    if latest and spec.leased(index) and stage.hwm < concurrency + 2:
+        # Its sender keeps each message until it is finished: the ones in the calls
+        # and the newest waiting; with no room for one more it would wait.
+        raise ConfigError(f"{where}: field 'hwm': input = \"latest\" on a link that keeps "
+                          f"each message until it is finished (restart or replicas) needs "
+                          f"hwm >= {concurrency + 2} (the calls' items, the newest waiting, "
+                          f"one on its way), or its upstream would wait for its calls "
+                          f"(got hwm = {stage.hwm})")
+    policy = callee.policy
+    if policy is not None and policy.item_timeout is not None and (
+            concurrency > 1 or asynchronous):
+        raise ConfigError(f"{where}: field 'item_timeout': "
+                          + ("an async def's calls share one event loop, so one that is stuck "
+                             "cannot be interrupted alone" if asynchronous else
+                             f"it watches one call at a time, and concurrency = {concurrency} "
+                             f"runs several")
+                          + "; bound the call yourself (asyncio.wait_for, a timeout of the "
+                            "library you call) or drop 'item_timeout'")
+    return _replace(callee, batch=batch, latest=latest, concurrency=concurrency,
+                    asynchronous=asynchronous, ordered=stage.ordered)
+
+
+def _replace(callee: Callee, **changes: Any) -> Callee:
+    from dataclasses import replace
+    return replace(callee, **changes)
 
 
 def _with_policy(spec: "PipelineSpec", index: int, callee: Callee, where: str) -> Callee:
@@ -254,8 +363,9 @@ def _with_policy(spec: "PipelineSpec", index: int, callee: Callee, where: str) -
 
 
 def resolve_target(stage_name: str, target: Any, params: dict[str, Any], first: bool,
-                   stream: bool | None, replicas: int, where: str) -> Callee:
-    shape = classify(target, first, stream, where)
+                   stream: bool | None, replicas: int, where: str,
+                   allow_async: bool = False) -> Callee:
+    shape = classify(target, first, stream, where, allow_async)
     extra = None
     if shape in (Shape.SOURCE, Shape.SOURCE_CLASS) and (
             replicas > 1 or source_accepts_sharding(target)):
@@ -308,6 +418,14 @@ class Body:
             instance, self.instance = self.instance, None
             instance.teardown()
 
+    def process(self) -> Callable[[Any], Any]:
+        """What is called per item (or per list): ``process`` of the Stage, or the
+        function with its params."""
+        if self.callee.shape is Shape.CLASS:
+            return self.instance.process
+        target, params = self.callee.target, self.callee.params
+        return functools.partial(target, **params) if params else target
+
     def run(self, inputs: "Inputs | None", send: Callable[[Any], None],
             end_input: Callable[[], None] | None = None) -> None:
         """Feed the body its inputs until they end; pass every output to ``send``.
@@ -329,6 +447,12 @@ class Body:
             result = target(inputs, **params)
             if result is not None:
                 _send_all(result, send, callee)
+        elif callee.batch is not None:  # lists of waiting items, a list of outputs back
+            from .batching import BatchRunner
+            BatchRunner(self, inputs, send, end_input).run()
+        elif callee.driven:  # calls off the main thread: latest, concurrency, async def
+            from .concurrency import Driver
+            Driver(self, inputs, send, end_input).run()
         else:
             assert inputs is not None
             if shape is Shape.CLASS:
@@ -373,7 +497,9 @@ def _send_all(outputs: Any, send: Callable[[Any], None], callee: Callee) -> None
 class Inputs(Iterator[Any]):
     """What a stage body iterates over; the runtime provides the implementation."""
 
-    def batches(self) -> Iterator[list[Any]]:
+    def batches(self, limit: int | None = None, wait: float = 0.0) -> Iterator[list[Any]]:
+        """Lists of the items waiting (at least one): every one (set_get_all), or at
+        most ``limit``, waiting up to ``wait`` seconds for more (batch = {...})."""
         raise NotImplementedError
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from ..config import Addresses, PipelineSpec, StageSpec, plan_addresses
+from ..config import ENV_GPU, Addresses, PipelineSpec, StageSpec, plan_addresses
 from ..errors import ConfigError
 from ..wire.security import Curve, stop_authenticator
 from . import shapes
@@ -144,12 +144,16 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
 
 
 def forked_main(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
-                parent: int, close_fds: tuple[int, ...] = ()) -> None:
+                parent: int, close_fds: tuple[int, ...] = (), gpu: str | None = None) -> None:
     """Entry point of a replica forked by zpipe.run (mode="process").
 
     ``close_fds`` are descriptors of the caller's that a fork inherits and must
     not keep open (the janitor's pipe, which must close when the caller dies).
+    ``gpu``: the device of a stage with gpus, set before the stage's setup()
+    can start a CUDA runtime (which reads CUDA_VISIBLE_DEVICES once).
     """
+    if gpu is not None:
+        os.environ[ENV_GPU] = gpu
     for fd in close_fds:
         try:
             os.close(fd)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Callable
 
 from ..config import (
+    ENV_GPU,
     PipelineSpec,
     apply_environment,
     check_ipc_paths,
@@ -220,7 +221,7 @@ def launch(path: str | Path, grace: float | None = None,
                 # "--": a stage name is never taken for an option.
                 argv = [sys.executable, "-m", "zpipe", "stage", "--replica", str(replica),
                         "--", str(path), stage.name]
-                workers.popen(name, argv, env)
+                workers.popen(name, argv, with_gpu(env, stage.gpu_of(replica)))
         pump.start()
         outcome = supervisor.run()
         pump.close(1.0)  # the stages' last lines come before the summary
@@ -266,6 +267,12 @@ def _supervisor(spec: PipelineSpec, control: str, workers: Workers,
         return Supervisor(spec, control, workers, report, grace=grace)
     except OSError as exc:  # the file's control address is taken, or not this host's
         raise ConfigError(f"{spec.where}: [pipeline] control: {exc}") from None
+
+
+def with_gpu(env: dict[str, str], gpu: str | None) -> dict[str, str]:
+    """``env`` for a replica of a stage with ``gpus``: it sees its one device (a
+    process's CUDA runtime reads CUDA_VISIBLE_DEVICES once, when it starts)."""
+    return env if gpu is None else {**env, ENV_GPU: gpu}
 
 
 def _start_views(views: Views, supervisor: Supervisor) -> None:

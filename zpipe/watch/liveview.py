@@ -22,7 +22,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .summary import build_table, human_duration, human_rate, title
+from .summary import build_table, human_duration, human_rate, optional_columns, title
 
 Snapshot = Callable[[], "dict[str, Any] | None"]
 
@@ -67,6 +67,7 @@ def frame(snap: dict[str, Any] | None, width: int | None = None) -> RenderableTy
         ("busy", pct("busy_pct")), ("blocked", pct("blocked_pct")), ("idle", pct("idle_pct")),
         ("errors", [f"{int(s.get('errors') or 0):,}" for s in stages]),
         ("restarts", [f"{int(s.get('restarts') or 0):,}" for s in stages])]
+    columns += optional_columns(stages)  # dropped, batch: when a stage has them
     table = build_table(title(snap), columns, width, ("idle", "replicas", "restarts", "blocked"))
     progress = _progress(snap)
     return Group(table, progress) if progress is not None else table
@@ -130,6 +131,7 @@ class LiveView:
 def status_line(i: int, s: dict[str, Any]) -> str:
     """One stage's figures as a plain line."""
     errors, restarts = int(s.get("errors") or 0), int(s.get("restarts") or 0)
+    dropped = int(s.get("dropped") or 0)
     return (f"zpipe: status {s.get('name', '?')}: {s.get('up', 0)}/{s.get('replicas', 0)} up, "
             f"{int(s.get('received') or 0):,} in, {int(s.get('sent') or 0):,} out, "
             f"{human_rate(_rate(i, s))}, queue {int(s.get('queue') or 0):,}, "
@@ -137,7 +139,8 @@ def status_line(i: int, s: dict[str, Any]) -> str:
             f"blocked {float(s.get('blocked_pct') or 0):.0f} % "
             f"idle {float(s.get('idle_pct') or 0):.0f} %, "
             f"{errors:,} error{'' if errors == 1 else 's'}, "
-            f"{restarts:,} restart{'' if restarts == 1 else 's'}")
+            f"{restarts:,} restart{'' if restarts == 1 else 's'}"
+            + (f", {dropped:,} dropped" if dropped else ""))
 
 
 class StatusLines:

@@ -46,7 +46,9 @@ REPLICA_GAUGES = (
 STAGE_COUNTERS = (
     ("zpipe_restarts", "restarts", "Replica restarts of a stage."),
     ("zpipe_redelivered", "redelivered", "Items a stage received again after a loss."),
-    ("zpipe_dropped", "dropped", "Items a stage dropped."),
+    ("zpipe_dropped", "dropped", "Items a stage passed over for newer ones (input = latest)."),
+    ("zpipe_batches", "batches", "Lists of items a stage's batched calls were given."),
+    ("zpipe_batch_items", "batch_items", "Items in the lists a stage's batched calls were given."),
 )
 STAGE_HISTOGRAMS = (
     ("zpipe_item_seconds", "item_seconds", "Time in the stage per item."),
@@ -84,8 +86,21 @@ class SnapshotCollector:
         for name, key, doc in STAGE_COUNTERS:
             family = CounterMetricFamily(name, doc, labels=STAGE_LABELS)
             for stage in stages:
-                family.add_metric([self.pipeline, stage["name"]], float(stage[key]))
+                family.add_metric([self.pipeline, stage["name"]], float(stage.get(key) or 0))
             yield family
+        # The run's mean batch size, for a dashboard that wants one number; over a
+        # window it is rate(zpipe_batch_items_total) / rate(zpipe_batches_total).
+        # Not a histogram: a replica would have to ship one more bucket array in
+        # every heartbeat for what is read as this one figure (and the lists'
+        # sizes are bounded by max_items anyway).
+        mean = GaugeMetricFamily("zpipe_batch_size_mean", "Mean items per batched call of a "
+                                 "stage, over the run (stages with batched calls only).",
+                                 labels=STAGE_LABELS)
+        for stage in stages:
+            if stage.get("batches"):
+                mean.add_metric([self.pipeline, stage["name"]],
+                                float(stage.get("batch_items") or 0) / stage["batches"])
+        yield mean
         errors = CounterMetricFamily("zpipe_errors", "Items a stage failed on, by exception.",
                                      labels=STAGE_LABELS + ["exception"])
         for stage in stages:

@@ -21,14 +21,17 @@ The snapshot (JSON-serialisable; seconds and bytes, never formatted)::
         "busy_pct": float, "blocked_pct": float, "idle_pct": float,  # % of the run
                                           # since START, per replica (idle: the rest)
         "errors": int, "errors_by_type": {exc_type: int}, "restarts": int,
-        "redelivered": int, "dropped": int,
+        "redelivered": int,
+        "dropped": int,                   # inputs passed over for newer ones (input = "latest")
+        "batches": int, "batch_items": int,  # lists handed to batched calls, and their items
+        "batch_size_mean": float | None,  # batch_items / batches (None: no batches)
         "rss": int, "cpu": float,         # bytes, CPU seconds (summed over replicas)
         "item_seconds": HISTOGRAM,        # time in the stage per item
         "p50": float | None, "p99": float | None,
         "end_to_end": HISTOGRAM | None,   # at a sink: source's send -> sink's receive
         "replica_figures": [{"name", "replica", "up", "pid", "host", "received",
                              "sent", "busy", "blocked", "idle", "queue", "rss",
-                             "cpu"}],
+                             "cpu", "dropped", "batches", "batch_items"}],
      }],
      "bottleneck": {"stage": str, "text": str} | None}
 
@@ -174,6 +177,7 @@ class Times:
 
 _FLOATS = ("busy", "blocked", "idle", "cpu")
 _INTS = ("queue", "rss")
+_COUNTS = ("dropped", "batches", "batch_items")  # running counts: each life's added up
 SNAPSHOT_EVERY = 0.25  # seconds between snapshots (views refresh at most this often)
 STATUS_PER_SECOND = 20  # answers to `zpipe status` and `zpipe top`, at most
 
@@ -246,7 +250,7 @@ class Observer:
             value = figures.get(name)
             if type(value) in (int, float) and math.isfinite(value) and value >= 0:
                 life.now[name] = float(value)
-        for name in _INTS:
+        for name in _INTS + _COUNTS:
             value = figures.get(name)
             if type(value) is int and value >= 0:
                 life.now[name] = value
@@ -302,7 +306,7 @@ class Observer:
         sup = self.supervisor
         received, sent = counts[index]
         replicas, items, e2e = [], Histogram(), None
-        sums = dict.fromkeys(_FLOATS + _INTS, 0.0)
+        sums = dict.fromkeys(_FLOATS + _INTS + _COUNTS, 0.0)
         up = 0
         for r in st.replicas:
             life = self.lives.get(r.name) or _Life()
@@ -310,6 +314,7 @@ class Observer:
             up += is_up
             figures = {name: life.total(name) for name in _FLOATS}
             figures.update({name: int(life.now.get(name, 0)) for name in _INTS})
+            figures.update({name: int(life.total(name)) for name in _COUNTS})
             for name, value in figures.items():
                 sums[name] += value
             items.merge(life.items_before)
@@ -346,7 +351,10 @@ class Observer:
                 "busy": sums["busy"], "blocked": sums["blocked"], "idle": sums["idle"], **pct,
                 "errors": sum(errors_by_type.values()), "errors_by_type": errors_by_type,
                 "restarts": restarts, "redelivered": redelivered,
-                "dropped": 0,  # items an input = "latest" passed over: none yet
+                "dropped": int(sums["dropped"]), "batches": int(sums["batches"]),
+                "batch_items": int(sums["batch_items"]),
+                "batch_size_mean": sums["batch_items"] / sums["batches"] if sums["batches"]
+                else None,
                 "rss": int(sums["rss"]), "cpu": sums["cpu"],
                 "item_seconds": items_dict, "p50": quantile(items_dict, 0.5),
                 "p99": quantile(items_dict, 0.99),

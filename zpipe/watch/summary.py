@@ -190,10 +190,29 @@ def table(snapshot: dict[str, Any], width: int | None = None) -> Table:
         ("p99", [human_seconds(_p(s, "p99", 0.99)) for s in stages]),
         ("errors", [f"{int(s.get('errors') or 0):,}" for s in stages]),
         ("restarts", [f"{int(s.get('restarts') or 0):,}" for s in stages])]
+    columns += optional_columns(stages)
     # idle is 100 - busy - blocked, rate is in / elapsed: the first to go.
     return build_table(title(snapshot), columns, width,
                        ("idle", "rate", "replicas", "p99", "restarts", "blocked"),
                        caption="\n".join(footer_lines(snapshot)) or None)
+
+
+def optional_columns(stages: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Columns only a pipeline that uses them shows: ``dropped`` (input = "latest")
+    and ``batch``, the mean size of a stage's batched calls (batch, set_get_all)."""
+    columns = []
+    if any(int(s.get("dropped") or 0) for s in stages):
+        columns.append(("dropped", [f"{int(s.get('dropped') or 0):,}" for s in stages]))
+    if any(s.get("batches") for s in stages):
+        columns.append(("batch", [f"{batch_mean(s):.1f}" if batch_mean(s) is not None else "—"
+                                  for s in stages]))
+    return columns
+
+
+def batch_mean(stage: dict[str, Any]) -> float | None:
+    """The mean number of items per batched call of a stage; None without any."""
+    batches = int(stage.get("batches") or 0)
+    return int(stage.get("batch_items") or 0) / batches if batches else None
 
 
 def render(snapshot: dict[str, Any], width: int = 100) -> str:
