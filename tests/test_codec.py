@@ -1256,14 +1256,16 @@ def test_a_tagged_and_stamped_message_with_frames():
     assert tags == [[0, 1], [1, 0], [1, 1]] and origin == 1234.5
 
 
-def test_alone_sends_a_large_bytes_item_as_its_own_frame():
+def test_a_large_bytes_item_alone_is_its_own_frame():
     batch = codec.Batch()
     item = some_bytes(FRAME_MIN)
-    frames = batch.alone(item)
-    assert len(frames) == 2 and frames[1] is item
-    assert not batch.arrays and not batch.fresh and not batch.encoded
+    batch.add(item)
+    frames = batch.frames()
+    assert len(frames) == 2 and frames[1] is item and not batch.fresh
     assert codec.decode(frames) == [item]
-    assert codec.decode(batch.alone(b"small")) == [b"small"]
+    batch.clear()
+    batch.add(b"small")
+    assert codec.decode(batch.frames()) == [b"small"]
 
 
 def test_a_bytes_frame_counts_as_a_frame_not_as_header():

@@ -129,17 +129,20 @@ def test_batch_rejects_a_bad_item_and_keeps_the_rest():
     assert json.dumps(items[1]) == "7"
 
 
-def test_an_item_alone_carries_its_arrays_and_a_bad_one_leaves_the_batch_usable():
+def test_an_item_carries_its_arrays_and_a_bad_one_leaves_the_batch_usable():
     import numpy as np
     batch = codec.Batch()
-    frames = batch.alone({"a": np.arange(3), "b": [np.ones(2), "x"]})
-    assert len(frames) == 1 and not batch.encoded and not batch.arrays and not batch.fresh
+    batch.add({"a": np.arange(3), "b": [np.ones(2), "x"]})
+    frames = batch.frames()
+    assert len(frames) == 1 and not batch.arrays and not batch.fresh
     item = codec.decode([bytes(f) for f in frames])[0]
     assert item["a"].tolist() == [0, 1, 2] and item["b"][0].tolist() == [1, 1]
+    batch.clear()
     with pytest.raises(EncodeError, match="type dict.*set"):
-        batch.alone({"ok": np.arange(2), "bad": {1}})
-    assert not batch.fresh and not batch.arrays
-    assert codec.decode(batch.alone(5)) == [5]
+        batch.add({"ok": np.arange(2), "bad": {1}})
+    assert not batch.fresh and not batch.arrays and not batch.encoded
+    batch.add(5)
+    assert codec.decode(batch.frames()) == [5]
 
 
 @pytest.fixture

@@ -141,29 +141,24 @@ class Outbox:
             self.lock.acquire()
             try:
                 batch = self.batch
-                if not batch.encoded and now - self.last_flush > IDLE_GAP and tag is None and \
-                        self.max_size is None and not self._stamp_due(now):
-                    # After a pause an item leaves alone, at once: the latency path, kept short.
-                    self._send_now(batch.alone(item), 1)
+                joining = bool(batch.encoded)
+                if self.max_size is None:
+                    batch.add(item, tag)
                 else:
-                    joining = bool(batch.encoded)
-                    if self.max_size is None:
-                        batch.add(item, tag)
-                    else:
-                        self._add_capped(item, tag, now)
-                    if joining:
-                        if batch.arrays or len(batch.encoded) >= self.batch_items or \
-                                batch.header_bytes >= BATCH_BYTES or now - self.oldest >= BATCH_WAIT:
-                            self._flush_locked()
-                    else:
-                        self.oldest = now
-                        if self._stamp_due(now):
-                            self._stamp(now)
-                        if batch.arrays or now - self.last_flush > IDLE_GAP:
-                            self._flush_locked()
-                        elif self.flusher is not None and self.flusher.idle:
-                            self.flusher.idle = False
-                            self.flusher.armed.set()
+                    self._add_capped(item, tag, now)
+                if joining:
+                    if batch.arrays or len(batch.encoded) >= self.batch_items or \
+                            batch.header_bytes >= BATCH_BYTES or now - self.oldest >= BATCH_WAIT:
+                        self._flush_locked()
+                else:
+                    self.oldest = now
+                    if self._stamp_due(now):
+                        self._stamp(now)
+                    if batch.arrays or now - self.last_flush > IDLE_GAP:
+                        self._flush_locked()
+                    elif self.flusher is not None and self.flusher.idle:
+                        self.flusher.idle = False
+                        self.flusher.armed.set()
             finally:
                 self.lock.release()
         self._check_control(now)

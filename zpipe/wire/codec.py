@@ -396,23 +396,6 @@ class Batch:
                 self.tags = [None] * (len(self.encoded) - 1)
             self.tags.append(tag)
 
-    def alone(self, item: Any) -> list[Any]:
-        """The frames of a message of ``item`` alone, on an untagged link (the
-        batch must be empty, and stays so): an idle link's path, kept short."""
-        try:
-            data = self._pack(item) if type(item) is not bytes or len(item) < FRAME_MIN else \
-                self._framed(item)
-        except FrameTooLarge:
-            self._forget()
-            raise
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise self._refused(item, exc) from None
-        if self.fresh:
-            arrays = self.fresh[:]
-            self.fresh.clear()  # in place: the Outbox's fast path holds this list
-            return [_PREFIXES[1] + data, *arrays]
-        return [_PREFIXES[1] + data]
-
     # -- for a caller that packs and appends itself (the Outbox's fast path) --------
 
     def pack(self, item: Any) -> bytes:
