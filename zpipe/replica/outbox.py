@@ -40,6 +40,7 @@ LARGE_OUTPUT = 1024
 # While the stage is busy in user code, a waiting batch leaves within this;
 # a shorter period costs a busy stage more thread wake-ups than it saves.
 FLUSHER_PERIOD = 0.005
+IDLE_LOOK = 0.05  # an idle Flusher looks at its batch this often all the same
 IDLE_GAP = 0.0002
 TRACK_WAIT = 0.02  # while ZeroMQ still holds a sent array, look for commands this often
 STAMP_EVERY = 0.1  # a source stamps a message this often: the sink times it end to end
@@ -462,7 +463,10 @@ class Flusher(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopping:
-                self.armed.wait()
+                # Bounded: were a wake-up ever missed, a waiting batch would
+                # still leave within IDLE_LOOK (costing an idle replica a
+                # look every IDLE_LOOK, nothing more).
+                self.armed.wait(IDLE_LOOK)
                 self.armed.clear()
                 while not self.stopping:
                     time.sleep(FLUSHER_PERIOD)
