@@ -19,7 +19,7 @@ from typing import Iterable
 
 import numpy as np
 
-from .procs import Child, python_module
+from .procs import peer_result, python_module
 
 MODES = {"process": "process-fork", "thread": "thread"}
 
@@ -96,14 +96,7 @@ def run(kind: str, mode: str, count: int, timeout: float = 120, **options) -> di
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
-    with Child(argv) as child:
-        status = child.wait(timeout)
-        if status != 0:
-            raise RuntimeError(f"pipeline-lib {kind} {mode} exited {status}:\n{child.tail()}")
-        result = child.result()
-    if result["count"] != count:
-        raise RuntimeError(f"pipeline-lib {kind} {mode}: {result['count']} items of {count}")
-    return result
+    return peer_result(argv, f"pipeline-lib {kind} {mode}", count, timeout)
 
 
 if __name__ == "__main__":

@@ -68,16 +68,10 @@ def main() -> None:
 
 def run(count: int, timeout: float = 120) -> dict:
     """The chain in a subprocess; the sink's figures."""
-    from .procs import Child, python_module
+    from .procs import peer_result, python_module
 
-    with Child(python_module("bench.pool", "--count", str(count))) as child:
-        status = child.wait(timeout)
-        if status != 0:
-            raise RuntimeError(f"multiprocessing.Pool chain exited {status}:\n{child.tail()}")
-        result = child.result()
-    if result["count"] != count:
-        raise RuntimeError(f"multiprocessing.Pool chain: {result['count']} items of {count}")
-    return result
+    return peer_result(python_module("bench.pool", "--count", str(count)),
+                       "multiprocessing.Pool chain", count, timeout)
 
 
 if __name__ == "__main__":

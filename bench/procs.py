@@ -136,6 +136,19 @@ def _exited_within(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
+def peer_result(argv: list[str], what: str, count: int, timeout: float) -> dict:
+    """Run a peer's chain (``argv``) to its end; its sink's figures, checked: exit 0 and
+    ``count`` items (a result saying ``missing`` is returned as it is)."""
+    with Child(argv) as child:
+        status = child.wait(timeout)
+        if status != 0:
+            raise RuntimeError(f"{what} exited {status}:\n{child.tail()}")
+        result = child.result()
+    if not result.get("missing") and result["count"] != count:
+        raise RuntimeError(f"{what}: {result['count']} items of {count}")
+    return result
+
+
 def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 

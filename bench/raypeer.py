@@ -79,18 +79,11 @@ def main() -> None:
 
 def run(count: int, timeout: float = 300) -> dict | None:
     """The chain in a subprocess; the driver's figures, or None without ray."""
-    from .procs import Child, python_module
+    from .procs import peer_result, python_module
 
-    with Child(python_module("bench.raypeer", "--count", str(count))) as child:
-        status = child.wait(timeout)
-        if status != 0:
-            raise RuntimeError(f"Ray Data chain exited {status}:\n{child.tail()}")
-        result = child.result()
-    if result.get("missing"):
-        return None
-    if result["count"] != count:
-        raise RuntimeError(f"Ray Data chain: {result['count']} items of {count}")
-    return result
+    result = peer_result(python_module("bench.raypeer", "--count", str(count)),
+                         "Ray Data chain", count, timeout)
+    return None if result.get("missing") else result
 
 
 if __name__ == "__main__":
