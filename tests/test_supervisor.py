@@ -135,8 +135,11 @@ def test_unsendable_item_names_the_stage_and_the_type(project):
     project.pipeline(three_stages('name = "sets"\nrun = "stages:to_set"'), STAGES)
     result = project.launch(timeout=60)
     assert result.returncode == 1
-    assert re.search(r"stage 'sets' replica sets-0 failed .*EncodeError: cannot send an item "
-                     r"of type dict: it holds values of type set", result.stderr), result.stderr
+    # A map stage on plain links packs in runs (runs.py), where the output itself is
+    # gone by the time msgpack refuses it: the stage and the type refused are named.
+    assert re.search(r"stage 'sets' replica sets-0 failed .*EncodeError: cannot send an "
+                     r"(item of type dict|output of stage 'sets'): it holds values of type set",
+                     result.stderr), result.stderr
 
 
 @pytest.mark.parametrize("stage, signal_name", [("sigkill_on", "SIGKILL"),

@@ -208,6 +208,17 @@ class Lots:
         if finished:
             self.acknowledge()
 
+    def finish_counts(self, counts: list[list[Any]]) -> None:
+        """The stage has finished ``n`` items of each ``[lot, n]`` (a run, runs.py)."""
+        finished = False
+        for lot, n in counts:
+            lot.left -= n
+            if not lot.left:
+                lot.needs = self.outputs_pending()
+                finished = True
+        if finished:
+            self.acknowledge()
+
     def acknowledge(self) -> None:
         """Acknowledge, in order of arrival, the lots that are finished and whose
         outputs the next stage has acknowledged."""

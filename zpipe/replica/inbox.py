@@ -67,6 +67,7 @@ class Inbox(Inputs):
         self.owners: collections.deque[Lot] = collections.deque()  # lots of items reordered
         self.duplicates = 0  # entries for inputs already complete: sent again after a loss
         self.holding = 0  # items of a batch (set_get_all, batch) or in flight (concurrency.py)
+        self.run_lots: list[list[Any]] = []  # [lot, items] of the run in hand (runs.py, leased)
         # What batches and input = "latest" did (figures for the heartbeat, observe.py):
         self.batches_taken = 0  # lists handed to the stage (batch, set_get_all)
         self.batched = 0        # ... and the items in them
@@ -224,6 +225,64 @@ class Inbox(Inputs):
                 self.careful(None)
             if lots is not None:
                 lots.finish()
+
+    def take_run(self, limit: int) -> list[Any]:
+        """Up to ``limit`` items, in order, for one run of a map stage (runs.py): those
+        waiting, and what has come in meanwhile; waits for a message if none is
+        waiting. [] once the input has ended. On a leased link the run's lots are
+        noted (run_lots) and finished with run_done(). Unnumbered links only."""
+        buffer = self.buffer
+        while not buffer:
+            if not self._fill(block=True):
+                return []
+        while len(buffer) < limit and self._fill(block=False):
+            pass
+        count = min(limit, len(buffer))
+        if self.lots is not None:
+            self._take_lots(count)
+        if count == len(buffer):
+            items = list(buffer)
+            buffer.clear()
+            return items
+        popleft = buffer.popleft
+        return [popleft() for _ in range(count)]
+
+    def _take_lots(self, count: int) -> None:
+        """Note which lots the next ``count`` items come from, as take() would one by one."""
+        taking, run_lots = self.lots.taking, self.run_lots  # type: ignore[union-attr]
+        run_lots.clear()
+        while count:
+            lot = taking[0]
+            n = min(count, lot.to_take)
+            lot.to_take -= n
+            if not lot.to_take:
+                taking.popleft()
+            run_lots.append([lot, n])
+            count -= n
+
+    def run_done(self) -> None:
+        """Every item of the last run is finished (its outputs are in the outbox)."""
+        if self.lots is not None and self.run_lots:
+            self.lots.finish_counts(self.run_lots)
+            self.run_lots.clear()
+
+    def give_back(self, items: list[Any]) -> None:
+        """The last ``len(items)`` items of the run, not reached: first again, in their
+        order, and on a leased link their lots' to take again."""
+        self.buffer.extendleft(reversed(items))
+        if self.lots is None:
+            return
+        taking, back = self.lots.taking, len(items)
+        for entry in reversed(self.run_lots):
+            if not back:
+                break
+            lot, n = entry
+            m = min(back, n)
+            if not lot.to_take:
+                taking.appendleft(lot)
+            lot.to_take += m
+            entry[1] -= m
+            back -= m
 
     def _careful_count(self, count: int) -> tuple[int, tuple[bytes, int, int] | None]:
         """How many of the next ``count`` items may go in one list, on a leased link:

@@ -100,7 +100,10 @@ class Outbox:
             self.flusher.start()
         # send(item) is what the stage's outputs go to: on a plain link (the
         # usual case) the fast path below, else the tagging; both end in put().
-        if number_outputs or ordered_by is not None:
+        # Plain: no numbers on the outputs (runs.py needs that too).
+        self.plain = not (number_outputs or ordered_by is not None)
+        self.in_run = False  # a run of calls is under way (runs.py): the Flusher stays awake
+        if not self.plain:
             self.send = self._send_tagged
         else:
             self.send = self._fast_send() if sock is not None else self.put
@@ -212,15 +215,17 @@ class Outbox:
             self.lock.release()
         self._check_control(_monotonic())
 
-    def _checkpoint(self) -> None:
-        """The fast path's look at its batch: put()'s rules for when it leaves."""
+    def _checkpoint(self, added: int = 1, since: float | None = None) -> None:
+        """The fast path's look at its batch: put()'s rules for when it leaves. After a
+        run (runs.py), ``added`` outputs may have come since the last look, the
+        first of them at ``since``."""
         now = _monotonic()
         self.lock.acquire()
         try:
             batch = self.batch
             count = len(batch.encoded)
-            if count == 1:  # a batch begins (count 0: the Flusher just took it)
-                self.oldest = now
+            if count and count <= added:  # a batch begins (count 0: the Flusher just took it)
+                self.oldest = now if since is None else since
                 if self._stamp_due(now):
                     self._stamp(now)
                 if now - self.last_flush > IDLE_GAP:
@@ -237,6 +242,53 @@ class Outbox:
         finally:
             self.lock.release()
         self._check_control(now)
+
+    # -- runs of a map stage (runs.py) ---------------------------------------------
+
+    def run_begins(self) -> None:
+        """A run of several calls begins: meanwhile the Flusher looks at the batch, as
+        while any call is busy, so an output made before a slow call still leaves."""
+        flusher = self.flusher
+        self.lock.acquire()
+        try:
+            self.in_run = True
+            if not self.batch.encoded:
+                self.oldest = _monotonic()
+            if flusher is not None and flusher.idle:
+                flusher.idle = False
+                flusher.armed.set()
+        finally:
+            self.lock.release()
+
+    def run_ended(self, items: int, started: float) -> int:
+        """A run of ``items`` calls, begun at ``started``, has appended its outputs to the
+        batch: an output that made frames leaves now, the rest by put()'s rules.
+        Returns the size of the run's largest output (0 for none)."""
+        self.lock.acquire()
+        try:
+            self.in_run = False
+            batch = self.batch
+            encoded = batch.encoded
+            # At most ``items`` outputs came, the newest last (the Flusher takes the oldest).
+            largest = max(map(len, encoded[-items:]), default=0)
+            if batch.fresh:
+                batch.arrays += batch.fresh
+                batch.fresh.clear()
+                self._flush_locked()
+        finally:
+            self.lock.release()
+        self._checkpoint(items, started)
+        return largest
+
+    def run_failed(self) -> None:
+        """A run ended in an exception: what its last output left unfinished is dropped."""
+        self.lock.acquire()
+        try:
+            self.in_run = False
+            if self.batch.fresh:  # packing that output failed: it was never appended
+                self.batch.forget()
+        finally:
+            self.lock.release()
 
     def _check_control(self, now: float) -> None:
         control = self.control
@@ -333,7 +385,9 @@ class Outbox:
             assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
             batch = self.batch
-            if batch.encoded and now - self.oldest >= BATCH_WAIT:
+            # Not while an output's frames wait in ``fresh``: its encoding may be in the
+            # batch already (runs.py), and the main thread sends it at once.
+            if batch.encoded and not batch.fresh and now - self.oldest >= BATCH_WAIT:
                 # The main thread may append as this runs (the fast path): send
                 # the outputs there are now, then drop exactly those.
                 count = len(batch)
@@ -342,7 +396,7 @@ class Outbox:
                 self.sent += count
                 batch.drop(count)
                 self.last_flush = now
-            if not self.batch.encoded:
+            if not self.batch.encoded and not self.in_run:
                 # Decided under the lock, so that put() sees it and re-arms.
                 self.flusher.idle = True
                 return False

@@ -30,6 +30,8 @@ from .control import Aborted, Control, SourceStopped
 from .delivery import Lots
 from .inbox import Inbox, Reorder
 from .outbox import BATCH_ITEMS_REPLICATED, Outbox
+from .runs import Runs
+from .runs import possible as runs_possible
 from .shapes import Body, Callee
 from .stuck import CallWatch
 
@@ -382,7 +384,9 @@ class Replica:
         assert self.outbox is not None and self.control is not None
         end_input = self.outbox.end_input if self.outbox.ordered_by is not None else None
         try:
-            self.body.run(self.inbox, self.outbox.send, end_input)
+            runs = Runs(self.inbox, self.outbox, self.stage).run \
+                if runs_possible(self.inbox, self.outbox) else None
+            self.body.run(self.inbox, self.outbox.send, end_input, runs)
         except SourceStopped:
             pass
         self.outbox.flush()  # before DONE: what DONE counts must be on its way

@@ -427,11 +427,15 @@ class Body:
         return functools.partial(target, **params) if params else target
 
     def run(self, inputs: "Inputs | None", send: Callable[[Any], None],
-            end_input: Callable[[], None] | None = None) -> None:
+            end_input: Callable[[], None] | None = None,
+            runs: Callable[[Callable[[Any], Any]], bool] | None = None) -> None:
         """Feed the body its inputs until they end; pass every output to ``send``.
 
         ``end_input``, if given, is called once each input item has been fully
         handled (an ``ordered`` stage closes that item's outputs with it).
+        ``runs``, if given, can carry a plain map stage's items faster
+        (runs.py): it is given the call, and returns False if it handed the
+        rest back to the loop here.
         """
         callee = self.callee
         target, params, shape = callee.target, callee.params, callee.shape
@@ -465,6 +469,8 @@ class Body:
                 self.errors.run(items, process, send, end_input, shape is Shape.FLATMAP)
                 return
             if shape is not Shape.FLATMAP and end_input is None:
+                if runs is not None and items is inputs and runs(process):
+                    return
                 for item in items:  # the usual case, every item: kept to the bare loop
                     out = process(item)
                     if out is not None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import re
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
@@ -311,6 +311,8 @@ class Batch:
         # When its source sent what this message carries on (unix time), on a
         # sampled few messages: the sink times them end to end (observe.py).
         self.origin: float | None = None
+        # Called as an item makes a frame (replica/runs.py ends its run there).
+        self.on_frame: Callable[[], None] | None = None
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -353,6 +355,8 @@ class Batch:
                 else:
                     raw = np.ascontiguousarray(obj).reshape(-1).view(np.uint8)
                 self.fresh.append(raw)
+                if self.on_frame is not None:
+                    self.on_frame()
                 return _ext(EXT_ARRAY, self._inner(
                     [len(self.arrays) + len(self.fresh), wire, list(obj.shape)]))
             if isinstance(obj, np.generic):
