@@ -104,6 +104,24 @@ def test_no_room_sends_frames_and_a_failed_item_gives_its_segment_back(folder, m
     frames = send(segments, np.ones(MIB, dtype=np.uint8), np.ones(MIB, dtype=np.uint8))
     assert len(frames) == 2  # the first in the one segment there is room for, then a frame
     assert np.array_equal(codec.decode(frames, shm.Attached(folder))[1], np.ones(MIB, "u1"))
+    monkeypatch.setattr(shm, "POOL_BYTES", 100 * MIB)
+    monkeypatch.setattr(shm, "POOL_SEGMENTS", 3)
+    frames = send(segments, *[np.ones(MIB, dtype=np.uint8)] * 4)
+    # The one from before (given back when its array went) and two more, then a frame.
+    assert len(frames) == 2 and len(segments.busy) == 3
+
+
+def test_a_replica_that_ends_removes_the_segments_nobody_holds(folder):
+    segments, attached = shm.Segments(folder), shm.Attached(folder)
+    kept = codec.decode(send(segments, np.ones(MIB, "u1"), np.ones(MIB, "u1")), attached)
+    del kept[0]
+    gc.collect()
+    segments.close()
+    attached.close()
+    assert names(folder) == [f"{os.getpid()}-2"]  # the one still held
+    del kept
+    gc.collect()
+    assert names(folder) == [f"{os.getpid()}-2.free"]  # given back by path, all the same
 
 
 def forged(name, shape=(MIB,), dtype="|u1") -> list[bytes]:

@@ -59,8 +59,8 @@ Why not multiprocessing.shared_memory: it registers every segment with a
 resource_tracker process (``track=False`` exists only from Python 3.13), and its
 names live in /dev/shm's top level, where a killed run's leftovers would have
 to be found one by one. The mmap module is used directly on files in the run's
-folder; each mapping holds one descriptor (mmap's own), which POOL_BYTES and
-CACHE_BYTES bound.
+folder; each mapping holds one descriptor (mmap's own), which POOL_SEGMENTS and
+CACHE_SEGMENTS bound.
 """
 
 from __future__ import annotations
@@ -76,11 +76,14 @@ from typing import Any
 
 ROOT = "/dev/shm"
 # Items of this many bytes or more go through a segment (smaller ones as frames,
-# or inline): below it a frame costs about what a segment's copy does (see
-# BENCHMARKS.md, "Shared memory").
+# or inline). Segments win from 256 KiB already (BENCHMARKS.md, "Shared memory"),
+# but each one held is a mapping and a descriptor, and items under 1 MiB are
+# many to a link's worth of memory: from 1 MiB, POOL_SEGMENTS are 64 MiB or more.
 SHM_MIN = 2**20
 POOL_BYTES = 256 * 2**20   # a sender's segments, held or not
+POOL_SEGMENTS = 64         # ... and their count (each holds a descriptor: mmap's)
 CACHE_BYTES = 256 * 2**20  # a receiver's mappings kept for segments that come again
+CACHE_SEGMENTS = 64
 _NAME = re.compile(r"[0-9]{1,10}-[0-9]{1,19}\Z")
 _FREE = ".free"
 
@@ -207,9 +210,10 @@ class Segments:
         return found
 
     def _make(self, size: int) -> _Own | None:
-        while self.size + size > POOL_BYTES and self.free:
+        while self.free and (self.size + size > POOL_BYTES or
+                             len(self.free) + len(self.busy) >= POOL_SEGMENTS):
             self._drop(self.free.pop(0))  # free segments of other sizes make room
-        if self.size + size > POOL_BYTES:
+        if self.size + size > POOL_BYTES or len(self.busy) >= POOL_SEGMENTS:
             return None
         self.made += 1
         name = f"{self.pid}-{self.made}"
@@ -318,7 +322,8 @@ class Attached:
         self.maps[name] = (info.st_ino, mapped)
         self.maps.move_to_end(name)
         self.mapped += nbytes
-        while self.mapped > CACHE_BYTES and len(self.maps) > 1:
+        while (self.mapped > CACHE_BYTES or len(self.maps) > CACHE_SEGMENTS) and \
+                len(self.maps) > 1:
             # An array that still views an evicted mapping keeps it alive.
             _, (_, old) = self.maps.popitem(last=False)
             self.mapped -= len(old)
