@@ -15,7 +15,7 @@ import time
 import msgpack
 import zmq
 
-VERSION = 5
+VERSION = 6
 FIRST_CREDITS = 2
 
 

@@ -45,6 +45,7 @@ from ..supervision import losses
 from ..supervision.janitor import Janitor
 from ..supervision.processes import ForkedHandle, Processes, Threads
 from ..supervision.supervisor import Outcome, Supervisor, signals_stop
+from ..wire import shm
 from ..wire.security import stop_authenticator
 
 log = logging.getLogger("zpipe")
@@ -254,17 +255,20 @@ class Execution:
 
     def start(self) -> None:
         spec, wiring = self.spec, {}
+        segments = shm.folder_for(self.runtime_dir) if self.runtime_dir else None
         for stage in spec.stages:
             for replica in range(stage.replicas):
                 wiring[stage.replica_name(replica)] = worker.wiring_for(
-                    spec, self.addresses, stage.name, replica)
+                    spec, self.addresses, stage.name, replica, segments)
         _running.add(self)
         forked = [(stage, callee) for stage, callee in zip(spec.stages, self.callees)
                   if stage.name not in self.thread_stages]
         if forked:
             # Whatever ends this process, the watcher ends its replicas and
             # removes the runtime folder (see janitor.py).
-            self.janitor = Janitor(self.runtime_dir)
+            assert self.runtime_dir is not None
+            self.janitor = Janitor([self.runtime_dir, shm.folder_for(self.runtime_dir)])
+            shm.make_folder(self.runtime_dir)
         # Fork first: a child must not inherit this process's ZeroMQ context
         # or its threads. The children's parent-death signal comes when the
         # thread that forks them ends (Linux ties it to the thread): this
@@ -314,6 +318,7 @@ class Execution:
         self.threads.reap()
         if self.runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
+            shm.remove_folder(shm.folder_for(self.runtime_dir))
         if self.janitor is not None:
             self.janitor.close()
         if self.ctx is not None and not any(t.is_alive() for t in self.threads.threads.values()):

@@ -15,7 +15,7 @@ import msgpack
 import zmq
 
 from ..watch.observe import Times
-from ..wire import codec, protocol
+from ..wire import codec, protocol, shm
 from ..wire.transport import NOBLOCK, POLLIN
 from .balance import Lender
 from .control import Control
@@ -55,6 +55,8 @@ class Inbox(Inputs):
         self.control = control
         self.stage = stage
         self.buffer: collections.deque[Any] = collections.deque()
+        # The shared-memory side of an ipc input that takes segments (shm.py).
+        self.segments: shm.Attached | None = None
         self.received = 0
         self.reported: int | None = None
         self.malformed = 0
@@ -406,7 +408,7 @@ class Inbox(Inputs):
                     self.times.mark(_monotonic(), 0)
                 return False
             try:
-                items, tags, origin = codec.decode_stamped(frames)
+                items, tags, origin = codec.decode_stamped(frames, self.segments)
                 if tags is None:
                     if self.reorder is None and not self.numbered:
                         break

@@ -17,7 +17,7 @@ import zmq
 
 from ..errors import EncodeError
 from ..watch.observe import Times
-from ..wire import codec
+from ..wire import codec, shm
 from ..wire.transport import NOBLOCK, send_frame
 from .balance import Dispatcher
 from .control import Control, SourceStopped
@@ -61,7 +61,8 @@ class Outbox:
 
     def __init__(self, sock: zmq.Socket | None, control: Control, source: bool,
                  number_outputs: bool = False, ordered_by: Inbox | None = None,
-                 dispatcher: Dispatcher | None = None, copy_arrays: bool = True):
+                 dispatcher: Dispatcher | None = None, copy_arrays: bool = True,
+                 segments: shm.Segments | None = None):
         self.sock = sock
         self.control = control
         self.source = source
@@ -72,7 +73,8 @@ class Outbox:
         self.ordered_by = ordered_by     # an ordered stage's inbox: outputs take its numbers
         self.pending: Any = _NOTHING     # an ordered stage's output, held until the next one
         self.dispatcher = dispatcher
-        self.batch = codec.Batch(copy_arrays=copy_arrays)
+        # segments: large items go through shared memory (an ipc link, not leased: shm.py).
+        self.batch = codec.Batch(copy_arrays=copy_arrays, segments=segments)
         # Arrays leave without a copy; put() then returns only once ZeroMQ has
         # let go of them (see _send_now), so the stage may change them after.
         self.track_arrays = not copy_arrays
@@ -151,14 +153,14 @@ class Outbox:
                 else:
                     self._add_capped(item, tag, now)
                 if joining:
-                    if batch.arrays or len(batch.encoded) >= self.batch_items or \
+                    if batch.arrays or batch.shared or len(batch.encoded) >= self.batch_items or \
                             batch.header_bytes >= BATCH_BYTES or now - self.oldest >= BATCH_WAIT:
                         self._flush_locked()
                 else:
                     self.oldest = now
                     if self._stamp_due(now):
                         self._stamp(now)
-                    if batch.arrays or now - self.last_flush > IDLE_GAP:
+                    if batch.arrays or batch.shared or now - self.last_flush > IDLE_GAP:
                         self._flush_locked()
                     elif self.flusher is not None and self.flusher.idle:
                         self.flusher.idle = False
@@ -183,6 +185,7 @@ class Outbox:
         # Bound once: every name below is a local or a closure cell, not an
         # attribute or global looked up per output.
         pack, pack_any, fresh = batch._pack, batch.pack, batch.fresh
+        fresh_shared = batch.fresh_shared
         every, large = CHECK_EVERY, LARGE_OUTPUT
 
         def send(item: Any) -> None:
@@ -194,7 +197,8 @@ class Outbox:
             except Exception:  # noqa: BLE001 - put() packs it again, and names the type
                 batch.forget()
                 return put(item)
-            if fresh:  # it holds arrays or made a frame: those go at once (put's rule)
+            if fresh or fresh_shared:  # it holds arrays or made a frame or a segment:
+                # those go at once (put's rule)
                 return self._put_packed(data)
             encoded = batch.encoded
             encoded.append(data)
@@ -407,6 +411,8 @@ class Outbox:
     def close(self) -> None:
         if self.flusher is not None:
             self.flusher.stop()
+        if self.batch.segments is not None:
+            self.batch.segments.close()
 
     # -- leased links (delivery.py) -----------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import Callable
 import zmq
 
 from ..watch.observe import Histogram, Times
-from ..wire import codec, protocol, transport
+from ..wire import codec, protocol, shm, transport
 from ..wire.security import Curve
 from . import balance, failures
 from .control import Aborted, Control, SourceStopped
@@ -63,6 +63,7 @@ class Wiring:
     downstream_name: str = ""
     input_leased: bool = False     # messages in are acknowledged once finished (delivery.py)
     output_leased: bool = False    # ... and so are messages out: kept until then
+    segments: str | None = None    # the run's shared-memory folder (shm.py), if it has one
 
 
 class Heartbeat(threading.Thread):
@@ -253,6 +254,10 @@ class Replica:
                     self.inbox.careful = control.attempt
                 if wiring.reorder:
                     self.inbox.reorder = Reorder()
+                if not leased and wiring.input.startswith("ipc://") and \
+                        shm.usable(wiring.segments):
+                    assert wiring.segments is not None
+                    self.inbox.segments = shm.Attached(wiring.segments)
             push = dispatcher = None
             downstream = wiring.downstream
             if downstream:
@@ -273,6 +278,11 @@ class Replica:
                     for event in control.early:
                         dispatcher.event(*event)
                     control.early.clear()
+            # Large items through shared memory: on ipc links to one host, not leased
+            # (a leased message is kept to be sent again: it keeps its frames).
+            segments = shm.Segments(wiring.segments) if downstream and dispatcher is None and \
+                all(a.startswith("ipc://") for a in downstream) and \
+                shm.usable(wiring.segments) else None
             self.outbox = Outbox(push, control, source=self.inbox is None,
                                  number_outputs=wiring.number_outputs,
                                  ordered_by=self.inbox if wiring.ordered else None,
@@ -281,7 +291,8 @@ class Replica:
                                  # memory, and a leased message is kept to be sent
                                  # again: there an array is copied as it is sent.
                                  copy_arrays=dispatcher is not None or
-                                 any(a.startswith("inproc://") for a in downstream))
+                                 any(a.startswith("inproc://") for a in downstream),
+                                 segments=segments)
             self.outbox.max_size = wiring.downstream_max_size
             self.outbox.times = self.times
             self.outbox.origins = self.inbox
@@ -335,6 +346,8 @@ class Replica:
         finally:
             if self.outbox is not None:
                 self.outbox.close()
+            if self.inbox is not None and self.inbox.segments is not None:
+                self.inbox.segments.close()
             # The control socket lingers: its last report (ERROR, ABORTED) must
             # reach the supervisor before this process is seen to end.
             for sock in sockets:

@@ -20,6 +20,7 @@ import zmq
 
 from ..config import ENV_GPU, Addresses, PipelineSpec, StageSpec, plan_addresses
 from ..errors import ConfigError
+from ..wire import shm
 from ..wire.security import Curve, stop_authenticator
 from . import shapes
 from .runtime import EXIT_TERMINATED, Heartbeat, Replica, Wiring
@@ -32,8 +33,10 @@ PR_SET_PDEATHSIG = 1
 HEARTBEAT_JOIN_TIMEOUT = 5.0
 
 
-def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replica: int) -> Wiring:
-    """Where one replica of ``stage_name`` receives and sends."""
+def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replica: int,
+               segments: str | None = None) -> Wiring:
+    """Where one replica of ``stage_name`` receives and sends; ``segments``: the run's
+    shared-memory folder (shm.py), when it has one."""
     index = spec.index(stage_name)
     stage = spec.stages[index]
     upstream = spec.stages[index - 1] if index > 0 else None
@@ -55,7 +58,7 @@ def wiring_for(spec: PipelineSpec, addresses: Addresses, stage_name: str, replic
                   downstream_max_size=downstream.max_message_size if downstream else None,
                   downstream_name=downstream.name if downstream else "",
                   input_leased=spec.leased(index), output_leased=spec.leased(index + 1)
-                  if downstream else False)
+                  if downstream else False, segments=segments)
 
 
 def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int,
@@ -87,8 +90,9 @@ def run_stage_process(spec: PipelineSpec, stage_name: str, replica: int,
             raise ConfigError(f"stage {stage_name!r} replica {replica}: --health-port: "
                               f"{exc}") from None
     try:
+        segments = shm.folder_for(runtime_dir) if runtime_dir else None
         return serve(callee, replica, stage.replicas,
-                     wiring_for(spec, addresses, stage_name, replica), health=health)
+                     wiring_for(spec, addresses, stage_name, replica, segments), health=health)
     finally:
         if health is not None:
             health.close()

@@ -8,7 +8,8 @@ with a pipe from them. They write each replica's pid into the pipe. The
 watcher waits for the pipe to close: after a clean end it has been told so and
 leaves; otherwise (the launcher was killed, however) it sends SIGTERM to
 every replica still there, SIGKILL after KILL_AFTER seconds, and removes the
-runtime folder. It is a bare ``python -I -S`` with no imports of ours, so it
+runtime folder and the run's shared-memory folder (shm.py: the segments the
+replicas held or had in flight). It is a bare ``python -I -S`` with no imports of ours, so it
 starts in a few milliseconds.
 """
 
@@ -24,7 +25,7 @@ _WATCHER = r"""
 import os, shutil, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it ends when its pipe does
-folder, kill_after = sys.argv[1], float(sys.argv[2])
+kill_after, folders = float(sys.argv[1]), sys.argv[2:]
 watched, ended = [], False
 for line in sys.stdin.buffer:
     words = line.split()
@@ -54,7 +55,7 @@ if not ended:
         while left and time.monotonic() < deadline:
             time.sleep(0.02)
             left = [(p, s) for p, s in left if alive(p, s)]
-if folder:
+for folder in folders:
     shutil.rmtree(folder, ignore_errors=True)
 """
 
@@ -70,13 +71,15 @@ def start_time(pid: int) -> bytes | None:
 
 
 class Janitor:
-    """The launcher's end of the watcher: ``watch(pid)`` each replica, ``close()`` at a clean end."""
+    """The launcher's end of the watcher: ``watch(pid)`` each replica, ``close()`` at a clean end.
+    ``folders``: what it removes once the launcher is gone (the runtime folder and the
+    shared-memory one)."""
 
-    def __init__(self, runtime_dir: str | None):
+    def __init__(self, folders: list[str]):
         read_end, self.pipe = os.pipe()
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _WATCHER, runtime_dir or "", str(KILL_AFTER)],
+                [sys.executable, "-I", "-S", "-c", _WATCHER, str(KILL_AFTER), *folders],
                 stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True)  # terminal signals to our group do not reach it
         finally:

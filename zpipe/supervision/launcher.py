@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..replica.shapes import Callee
 from ..replica.worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
 from ..watch.views import ViewOptions, Views
+from ..wire import shm
 from .janitor import Janitor
 from .processes import Processes, Remote
 from .supervisor import Outcome, Supervisor, Workers, signals_stop
@@ -195,7 +196,9 @@ def launch(path: str | Path, grace: float | None = None,
     except ConfigError:
         shutil.rmtree(runtime_dir, ignore_errors=True)
         raise
-    janitor = Janitor(runtime_dir)  # first: from here on, nothing may outlive us
+    segments = shm.folder_for(runtime_dir)  # large items on ipc links (shm.py)
+    janitor = Janitor([runtime_dir, segments])  # first: from here on, nothing may outlive us
+    shm.make_folder(runtime_dir)
     pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer,
                       views.stage_line if views is not None else None)
 
@@ -232,6 +235,7 @@ def launch(path: str | Path, grace: float | None = None,
         pump.close(1.0)  # a grandchild may hold a pipe open: do not wait on it
         stop_on_signals.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
+        shm.remove_folder(segments)  # what replicas held when they ended, however
         janitor.close()
 
 

@@ -1,4 +1,5 @@
-"""Items on the wire: a msgpack header plus one raw frame per large array or bytes item.
+"""Items on the wire: a msgpack header plus one raw frame per large array or bytes item
+(or, over ipc links that are not leased, a shared-memory segment's name: shm.py).
 
 A data message is a ZeroMQ multipart message::
 
@@ -27,9 +28,17 @@ frame, extension type 3 ``[frame_index]`` in the header: the bytes object is
 sent without a copy and without waiting for ZeroMQ (bytes never change), and
 arrives as ``bytes`` (one copy, out of the received frame).
 
+Over an ipc link that is not leased (the Batch then has ``segments``), an
+array or top-level ``bytes`` item of shm.SHM_MIN bytes or more is copied into
+a shared-memory segment as it is added (which freezes it) and the header
+names the segment: extension type 5 ``[segment, dtype, shape]`` for an array,
+6 ``[segment, size]`` for bytes. The receiver's array is a view of the
+segment (writable, its own until it lets go of it); bytes are copied out.
+
 Anyone who can reach a socket can send it bytes: ``decode_tagged`` raises
 DecodeError, and only DecodeError, for anything that is not such a message,
-and checks every size against the bytes received before it makes an array.
+and checks every size against the bytes received (or the segment's size)
+before it makes an array.
 """
 
 from __future__ import annotations
@@ -44,12 +53,15 @@ import msgpack
 from zmq import COPY_THRESHOLD
 
 from ..errors import EncodeError
+from . import shm
 
-PROTOCOL_VERSION = 5  # docs/protocol.md, Versioning
+PROTOCOL_VERSION = 6  # docs/protocol.md, Versioning
 EXT_ARRAY = 1    # [frame_index, dtype, shape]: an array in its own frame
 EXT_SCALAR = 2   # [dtype, bytes]: a numpy scalar
 EXT_BYTES = 3    # [frame_index]: a top-level bytes item in its own frame
 EXT_INLINE = 4   # [dtype, shape, bytes]: a small array inside the header
+EXT_SHM_ARRAY = 5  # [segment, dtype, shape]: an array in a shared-memory segment (shm.py)
+EXT_SHM_BYTES = 6  # [segment, size]: a top-level bytes item in a segment
 # Arrays of this many bytes or more, and top-level bytes items as large, travel
 # as their own frames; smaller arrays travel inline, in the header. 64 KiB,
 # pyzmq's COPY_THRESHOLD: pyzmq copies a smaller frame anyway (a frame of its
@@ -287,7 +299,8 @@ class Batch:
     does no more than pack, append and count.
     """
 
-    def __init__(self, max_size: int | None = None, copy_arrays: bool = True) -> None:
+    def __init__(self, max_size: int | None = None, copy_arrays: bool = True,
+                 segments: shm.Segments | None = None) -> None:
         self.packer = msgpack.Packer(default=self._default, use_bin_type=True)
         self._pack = self.packer.pack
         # The contents of extension types (called inside self.packer's own pack).
@@ -308,6 +321,11 @@ class Batch:
         # array is then frozen without a copy, and the receiver's is its own.
         self.copy_arrays = copy_arrays
         self.copies = _Copies()
+        # Over ipc links that are not leased: items of shm.SHM_MIN bytes or more are
+        # copied into shared-memory segments, and the header names them (shm.py).
+        self.segments = segments
+        self.shared: list[str] = []        # segments of the items added, until sent
+        self.fresh_shared: list[str] = []  # ... of the item being packed
         # When its source sent what this message carries on (unix time), on a
         # sampled few messages: the sink times them end to end (observe.py).
         self.origin: float | None = None
@@ -343,6 +361,11 @@ class Batch:
                     if type(wire) is str and not fragile:
                         return _ext(EXT_INLINE, self._inline_prefix(obj, wire, nbytes) + raw)
                     return _ext(EXT_INLINE, self._inner([wire, list(obj.shape), raw]))
+                if nbytes >= shm.SHM_MIN and self.segments is not None:
+                    name = self.segments.put_array(obj)
+                    if name is not None:  # else no room: a frame, as below
+                        self.fresh_shared.append(name)
+                        return _ext(EXT_SHM_ARRAY, self._inner([name, wire, list(obj.shape)]))
                 # As flat C-ordered bytes, so that every dtype (datetime,
                 # structured, ...) exposes a plain buffer. Over inproc, private
                 # too: ZeroMQ would hand that very memory to the receiver.
@@ -395,6 +418,9 @@ class Batch:
         if self.fresh:
             self.arrays += self.fresh
             self.fresh.clear()
+        if self.fresh_shared:
+            self.shared += self.fresh_shared
+            self.fresh_shared.clear()
         if tag is not None or self.tags is not None:
             if self.tags is None:
                 self.tags = [None] * (len(self.encoded) - 1)
@@ -417,6 +443,9 @@ class Batch:
         if self.fresh:
             self.arrays += self.fresh
             self.fresh.clear()
+        if self.fresh_shared:
+            self.shared += self.fresh_shared
+            self.fresh_shared.clear()
         if self.tags is not None:
             self.tags.append(None)
 
@@ -447,23 +476,35 @@ class Batch:
         if self.tags is not None:
             del self.tags[:count]
         self.arrays = []  # the Outbox sends any item with frames at once, alone
+        self.shared = []  # ... and any item in a segment
         self.header_bytes = max(0, self.header_bytes - dropped)
         self._measured = (0, 0)
         self.origin = None  # it went with those
 
     def _framed(self, item: bytes) -> bytes:
         """A large top-level bytes item: its own frame, the bytes object itself (sent
-        without a copy; it never changes, so nobody waits for ZeroMQ to let go of it).
+        without a copy; it never changes, so nobody waits for ZeroMQ to let go of it),
+        or from shm.SHM_MIN bytes over a link with segments, a copy in a segment.
 
         Only top-level items: msgpack packs bytes inside lists and dicts itself,
         without a hook to take them out, so those stay in the header.
         """
+        if self.segments is not None and len(item) >= shm.SHM_MIN:
+            name = self.segments.put_bytes(item)
+            if name is not None:
+                self.fresh_shared.append(name)
+                return self._pack(_ext(EXT_SHM_BYTES, self._inner([name, len(item)])))
         self.fresh.append(item)
         return self._pack(_ext(EXT_BYTES, self._inner([len(self.arrays) + len(self.fresh)])))
 
     def _forget(self) -> None:
-        """Drop what a failed pack left behind."""
+        """Drop what a failed pack left behind (its segments are free again)."""
         self.fresh.clear()
+        if self.fresh_shared:
+            assert self.segments is not None
+            for name in self.fresh_shared:
+                self.segments.give_back(name)
+            self.fresh_shared.clear()
         self.packer.reset()
 
     def _refused(self, item: Any, exc: Exception) -> EncodeError:
@@ -517,7 +558,7 @@ class Batch:
 
     def clear(self) -> None:
         """Empty the batch, once its frames have been sent."""
-        self.encoded, self.tags, self.arrays = [], None, []
+        self.encoded, self.tags, self.arrays, self.shared = [], None, [], []
         self.header_bytes = 0
         self._measured = (0, 0)
         self.origin = None
@@ -541,19 +582,23 @@ def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]
     return batch.frames()
 
 
-def decode(frames: Sequence[Any]) -> list[Any]:
+def decode(frames: Sequence[Any], segments: shm.Attached | None = None) -> list[Any]:
     """Items of one data message; frames may be bytes or zmq.Frame objects."""
-    return decode_tagged(frames)[0]
+    return decode_tagged(frames, segments)[0]
 
 
-def decode_tagged(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None]:
+def decode_tagged(frames: Sequence[Any], segments: shm.Attached | None = None
+                  ) -> tuple[list[Any], list[Any] | None]:
     """Items of one data message and their tags (None on untagged links)."""
-    return decode_stamped(frames)[:2]
+    return decode_stamped(frames, segments)[:2]
 
 
-def decode_stamped(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None, float | None]:
+def decode_stamped(frames: Sequence[Any], segments: shm.Attached | None = None
+                   ) -> tuple[list[Any], list[Any] | None, float | None]:
     """Items of one data message, their tags (None on untagged links), and its
-    origin stamp (None but on a sampled few: see Batch.origin).
+    origin stamp (None but on a sampled few: see Batch.origin). ``segments``: the
+    receiver's shared-memory side, on an ipc input that takes segments (shm.py);
+    without it a segment in a message makes it malformed.
 
     Raises DecodeError, and nothing else, for what is not a data message:
     every ext type, array and tag is checked where it appears.
@@ -561,9 +606,9 @@ def decode_stamped(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None, 
     count = len(frames)
     if count == 1:
         # A message without arrays (the common, small case) needs no state.
-        ext_hook: Any = _ext_without_frames
+        ext_hook: Any = _ext_without_frames if segments is None else _InSegments(segments)
     elif count:
-        ext_hook = _Arrays(frames)
+        ext_hook = _Arrays(frames, segments)
     else:
         raise DecodeError("empty message")
     head = frames[0]
@@ -576,9 +621,10 @@ def decode_stamped(frames: Sequence[Any]) -> tuple[list[Any], list[Any] | None, 
             message = msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=False)
         except TypeError:
             # A tuple used as a dict key arrives as an unhashable list: decode
-            # again with tuples, then turn them into lists everywhere but keys.
-            if count > 1:
-                ext_hook = _Arrays(frames)
+            # again with tuples, then turn them into lists everywhere but keys
+            # (the same arrays and segments again: see again()).
+            if ext_hook is not _ext_without_frames:
+                ext_hook.again()
             message = _lists(msgpack.unpackb(head, ext_hook=ext_hook, raw=False,
                                              strict_map_key=False, use_list=False))
         if type(message) is list and len(message) == 2 and type(message[1]) is list and \
@@ -635,15 +681,79 @@ def _why(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:200] + "..."
 
 
+class _InSegments:
+    """The ext hook of a message on an input that takes segments: arrays and bytes
+    items in shared memory (shm.py); the rest as _ext_without_frames."""
+
+    __slots__ = ("segments", "made", "replay")
+
+    def __init__(self, segments: shm.Attached):
+        self.segments = segments
+        self.made: list[Any] = []  # what segments became, in the order met
+        self.replay = -1           # decoding again: the next of made to give
+
+    def again(self) -> None:
+        """The message is decoded a second time: the segments it named are held
+        already, so each one met gives what it gave the first time."""
+        self.replay = 0
+
+    def __call__(self, code: int, data: bytes) -> Any:
+        if code == EXT_SHM_ARRAY:
+            what, make = "array in shared memory", self._array
+        elif code == EXT_SHM_BYTES:
+            what, make = "bytes item in shared memory", self._bytes
+        else:
+            return _ext_without_frames(code, data)
+        if self.replay >= 0:
+            if self.replay >= len(self.made):
+                raise DecodeError("not a zpipe data message: decoded twice, differently")
+            self.replay += 1
+            return self.made[self.replay - 1]
+        try:
+            value = make(data)
+        except DecodeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - shm.SegmentError, and a stranger's bytes
+            raise DecodeError(f"not a zpipe data message: a bad {what}: {_why(exc)}") from None
+        self.made.append(value)
+        return value
+
+    def _array(self, data: bytes) -> Any:
+        header = msgpack.unpackb(data)
+        if type(header) is not list or len(header) != 3:
+            raise DecodeError(f"an array's header {_brief(header)} is not "
+                              f"[segment, dtype, shape]")
+        name, wire, shape = header
+        dtype, fragile = _array_dtype(wire)
+        # Before anything is opened: the size the segment must have.
+        nbytes = _count(shape) * dtype.itemsize
+        array = self.segments.array(name, dtype, shape, nbytes)
+        if fragile and _unreadable(array):
+            raise DecodeError(f"array of {dtype.str} holds bytes that are no value of it")
+        return array
+
+    def _bytes(self, data: bytes) -> bytes:
+        header = msgpack.unpackb(data)
+        if type(header) is not list or len(header) != 2 or type(header[1]) is not int:
+            raise DecodeError(f"a bytes item's header {_brief(header)} is not [segment, size]")
+        return self.segments.bytes(header[0], header[1])
+
+
 class _Arrays:
     """The ext hook of a message with more than one frame: the k-th array or bytes
     item that refers to a frame takes frame k."""
 
-    __slots__ = ("frames", "next")
+    __slots__ = ("frames", "next", "shared")
 
-    def __init__(self, frames: Sequence[Any]):
+    def __init__(self, frames: Sequence[Any], segments: shm.Attached | None = None):
         self.frames = frames
         self.next = 1  # the frame the next array or bytes item must refer to
+        self.shared = _ext_without_frames if segments is None else _InSegments(segments)
+
+    def again(self) -> None:
+        self.next = 1
+        if self.shared is not _ext_without_frames:
+            self.shared.again()
 
     def __call__(self, code: int, data: bytes) -> Any:
         if code == EXT_ARRAY:
@@ -651,7 +761,7 @@ class _Arrays:
         elif code == EXT_BYTES:
             what, make = "bytes item", self._bytes
         else:
-            return _ext_without_frames(code, data)
+            return self.shared(code, data)
         try:
             return make(data)
         except DecodeError:
@@ -748,6 +858,9 @@ def _ext_without_frames(code: int, data: bytes) -> Any:
         raise DecodeError("array refers to a frame, in a message of 1 frame")
     elif code == EXT_BYTES:
         raise DecodeError("bytes item refers to a frame, in a message of 1 frame")
+    elif code in (EXT_SHM_ARRAY, EXT_SHM_BYTES):
+        raise DecodeError("an item in shared memory, on a link that takes none (tcp, inproc, "
+                          "leased, or outside a launched run)")
     else:
         raise DecodeError(f"not a zpipe data message: extension type {code}")
     try:
