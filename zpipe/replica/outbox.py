@@ -275,9 +275,8 @@ class Outbox:
             encoded = batch.encoded
             # At most ``items`` outputs came, the newest last (the Flusher takes the oldest).
             largest = max(map(len, encoded[-items:]), default=0)
-            if batch.fresh:
-                batch.arrays += batch.fresh
-                batch.fresh.clear()
+            if batch.fresh or batch.fresh_shared:  # they go at once (put's rule)
+                batch.take_fresh()
                 self._flush_locked()
         finally:
             self.lock.release()
@@ -289,8 +288,8 @@ class Outbox:
         self.lock.acquire()
         try:
             self.in_run = False
-            if self.batch.fresh:  # packing that output failed: it was never appended
-                self.batch.forget()
+            if self.batch.fresh or self.batch.fresh_shared:
+                self.batch.forget()  # packing that output failed: it was never appended
         finally:
             self.lock.release()
 
@@ -389,9 +388,10 @@ class Outbox:
             assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
             batch = self.batch
-            # Not while an output's frames wait in ``fresh``: its encoding may be in the
-            # batch already (runs.py), and the main thread sends it at once.
-            if batch.encoded and not batch.fresh and now - self.oldest >= BATCH_WAIT:
+            # Not while an output's frames or segments wait in ``fresh``: its encoding
+            # may be in the batch already (runs.py), and the main thread sends it at once.
+            if batch.encoded and not (batch.fresh or batch.fresh_shared) and \
+                    now - self.oldest >= BATCH_WAIT:
                 # The main thread may append as this runs (the fast path): send
                 # the outputs there are now, then drop exactly those.
                 count = len(batch)

@@ -27,10 +27,11 @@ made before a slow call in the same run still leaves within BATCH_WAIT.
 What the per-item loop decides per output, a run decides afterwards, or makes
 impossible:
 
-- An output holding a large array makes a frame: the batch cuts the run right
-  there (``Batch.on_frame``), so the stage is not called again before that
-  array has left (it may reuse the array); the items not reached go back to
-  the inbox, ahead of the rest.
+- An output holding a large array makes a frame (or takes a shared-memory
+  segment): the batch cuts the run right there (``Batch.on_frame``), so the
+  stage is not called again before that array has left (it may reuse the
+  array), and the message leaves at once, as send() would send it; the items
+  not reached go back to the inbox, ahead of the rest.
 - Outputs of LARGE_OUTPUT bytes or more, or frames: the stage goes back to
   the per-item loop for good (its outputs are large, so the loop costs
   nothing beside them, and the loop sends a large ``bytes`` item as a frame of

@@ -329,7 +329,8 @@ class Batch:
         # When its source sent what this message carries on (unix time), on a
         # sampled few messages: the sink times them end to end (observe.py).
         self.origin: float | None = None
-        # Called as an item makes a frame (replica/runs.py ends its run there).
+        # Called as an item makes a frame or takes a segment (replica/runs.py ends
+        # its run there).
         self.on_frame: Callable[[], None] | None = None
 
     def __len__(self) -> int:
@@ -365,6 +366,8 @@ class Batch:
                     name = self.segments.put_array(obj)
                     if name is not None:  # else no room: a frame, as below
                         self.fresh_shared.append(name)
+                        if self.on_frame is not None:
+                            self.on_frame()
                         return _ext(EXT_SHM_ARRAY, self._inner([name, wire, list(obj.shape)]))
                 # As flat C-ordered bytes, so that every dtype (datetime,
                 # structured, ...) exposes a plain buffer. Over inproc, private
@@ -415,12 +418,7 @@ class Batch:
             raise self._refused(item, exc) from None
         self.encoded.append(data)
         self.header_bytes += len(data)
-        if self.fresh:
-            self.arrays += self.fresh
-            self.fresh.clear()
-        if self.fresh_shared:
-            self.shared += self.fresh_shared
-            self.fresh_shared.clear()
+        self.take_fresh()
         if tag is not None or self.tags is not None:
             if self.tags is None:
                 self.tags = [None] * (len(self.encoded) - 1)
@@ -436,16 +434,20 @@ class Batch:
         return self._pack(item) if type(item) is not bytes or len(item) < FRAME_MIN else \
             self._framed(item)
 
-    def add_packed(self, data: bytes) -> None:
-        """Add what pack() returned, with the frames it left in ``fresh``."""
-        self.encoded.append(data)
-        self.header_bytes += len(data)
+    def take_fresh(self) -> None:
+        """The item just packed is in ``encoded``: its frames and segments are the message's."""
         if self.fresh:
             self.arrays += self.fresh
             self.fresh.clear()
         if self.fresh_shared:
             self.shared += self.fresh_shared
             self.fresh_shared.clear()
+
+    def add_packed(self, data: bytes) -> None:
+        """Add what pack() returned, with the frames it left in ``fresh``."""
+        self.encoded.append(data)
+        self.header_bytes += len(data)
+        self.take_fresh()
         if self.tags is not None:
             self.tags.append(None)
 
