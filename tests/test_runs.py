@@ -61,6 +61,21 @@ def reuse_buffer(x):
     return BUFFER
 
 
+def camera(count):
+    # One buffer, filled anew for each frame (as a camera's driver would): the
+    # source must not be resumed before the frame it yielded has left.
+    for i in range(count):
+        BUFFER[:] = i
+        yield BUFFER
+
+
+def small_then_big(count, first):
+    # Small items at first (the runs grow), then bytes too large for one: the
+    # source goes on item by item, and resumes where it was.
+    for i in range(count):
+        yield i if i < first else i.to_bytes(8, "little") * 200
+
+
 def small_then_arrays(x, first):
     # Small outputs at first (the runs grow), then arrays that make frames: a frame
     # cuts a run in the middle of a message, and the stage goes on item by item.
@@ -94,6 +109,11 @@ def arrays_sink(items: Iterable, path):
             out.write(json.dumps([int(item.min()), int(item.max()), len(item)]) + "\\n")
 
 
+def sizes_sink(items: Iterable, path):
+    with open(path, "w") as out:
+        json.dump([["bytes", len(x)] if type(x) is bytes else ["int", x] for x in items], out)
+
+
 def mixed_sink(items: Iterable, path):
     with open(path, "w") as out:
         json.dump([int(item.max()) if hasattr(item, "max") else item for item in items], out)
@@ -124,14 +144,29 @@ def test_every_item_arrives_in_order_and_none_is_no_output(project):
     assert json.loads(project.read("out")) == list(range(1, 20000, 2))
 
 
-def test_an_array_the_stage_reuses_arrives_as_it_was_returned(project):
-    result = launch(project, 'name = "source"\nrun = "stages:numbers"\nparams = { count = 300 }',
-                    'name = "fill"\nrun = "stages:reuse_buffer"',
+@pytest.mark.parametrize("source, relay", [
+    ("numbers", "reuse_buffer"),  # a map stage returns the same array, refilled
+    ("camera", "fail_on_str"),    # a source yields the same array, refilled
+])
+def test_an_array_reused_by_its_stage_arrives_as_it_was_given(project, source, relay):
+    result = launch(project,
+                    f'name = "source"\nrun = "stages:{source}"\nparams = {{ count = 300 }}',
+                    f'name = "relay"\nrun = "stages:{relay}"',
                     'name = "sink"\nrun = "stages:arrays_sink"\nparams = { path = "out" }',
                     hwm=4)
     assert result.returncode == 0, result.stderr
     got = [json.loads(line) for line in project.lines("out")]
     assert got == [[i, i, 32768] for i in range(300)]
+
+
+def test_a_source_whose_items_grow_goes_on_item_by_item(project):
+    result = launch(project, 'name = "source"\nrun = "stages:small_then_big"\n'
+                    'params = { count = 3000, first = 2000 }',
+                    'name = "relay"\nrun = "stages:fail_on_str"',
+                    'name = "sink"\nrun = "stages:sizes_sink"\nparams = { path = "out" }')
+    assert result.returncode == 0, result.stderr
+    assert json.loads(project.read("out")) == [["int", i] for i in range(2000)] + \
+        [["bytes", 1600]] * 1000
 
 
 @pytest.mark.parametrize("restart", [False, True])
@@ -225,7 +260,7 @@ def test_runs_lose_and_repeat_nothing_while_the_flusher_takes_batches():
         take = inbox.take_run
         inbox.take_run = lambda limit: sizes.append(limit) or take(limit)
         try:
-            assert runner.run(process) is True
+            assert runner.map(process) is True
             outbox.flush()
         finally:
             outbox.close()

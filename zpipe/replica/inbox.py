@@ -242,12 +242,12 @@ class Inbox(Inputs):
         count = min(limit, len(buffer))
         if self.lots is not None:
             self._take_lots(count)
-        if count == len(buffer):
-            items = list(buffer)
-            buffer.clear()
+        items = list(buffer)
+        buffer.clear()
+        if count == len(items):
             return items
-        popleft = buffer.popleft
-        return [popleft() for _ in range(count)]
+        buffer.extend(items[count:])  # in C, as the rest: cheaper than popleft() per item
+        return items[:count]
 
     def _take_lots(self, count: int) -> None:
         """Note which lots the next ``count`` items come from, as take() would one by one."""

@@ -264,24 +264,26 @@ class Outbox:
         finally:
             self.lock.release()
 
-    def run_ended(self, items: int, started: float) -> int:
+    def run_ended(self, items: int, started: float) -> tuple[int, int]:
         """A run of ``items`` calls, begun at ``started``, has appended its outputs to the
         batch: an output that made frames leaves now, the rest by put()'s rules.
-        Returns the size of the run's largest output (0 for none)."""
+        Returns the run's outputs' mean size, and whether one may be a frame's worth
+        (codec.FRAME_MIN or more)."""
         self.lock.acquire()
         try:
             self.in_run = False
             batch = self.batch
-            encoded = batch.encoded
             # At most ``items`` outputs came, the newest last (the Flusher takes the oldest).
-            largest = max(map(len, encoded[-items:]), default=0)
+            recent = batch.encoded[-items:]
+            size = sum(map(len, recent))
+            large = size >= codec.FRAME_MIN and max(map(len, recent)) >= codec.FRAME_MIN
             if batch.fresh or batch.fresh_shared:  # they go at once (put's rule)
                 batch.take_fresh()
                 self._flush_locked()
         finally:
             self.lock.release()
         self._checkpoint(items, started)
-        return largest
+        return -(-size // max(1, len(recent))), large  # the mean, rounded up
 
     def run_failed(self) -> None:
         """A run ended in an exception: what its last output left unfinished is dropped."""

@@ -20,7 +20,7 @@ The run's size adapts to the stage: it doubles while a run takes under
 RUN_TIME / 2 and halves above RUN_TIME, so that the outputs of a run wait for
 its end no longer than a batch waits anyway (and a slow stage runs one item
 at a time); it never exceeds what one batch holds (the Outbox's batch_items,
-and BATCH_BYTES by the largest output seen). During a run of more than one
+and BATCH_BYTES by the mean output seen). During a run of more than one
 item, the Flusher looks at the batch as during any busy call, so an output
 made before a slow call in the same run still leaves within BATCH_WAIT.
 
@@ -32,8 +32,8 @@ impossible:
   stage is not called again before that array has left (it may reuse the
   array), and the message leaves at once, as send() would send it; the items
   not reached go back to the inbox, ahead of the rest.
-- Outputs of LARGE_OUTPUT bytes or more, or frames: the stage goes back to
-  the per-item loop for good (its outputs are large, so the loop costs
+- An output of codec.FRAME_MIN bytes or more, or a frame: the stage goes back
+  to the per-item loop for good (its outputs are large, so the loop costs
   nothing beside them, and the loop sends a large ``bytes`` item as a frame of
   its own, where a run leaves it in the header, copied).
 - A StopIteration raised by the call would end map()'s iteration silently:
@@ -49,32 +49,40 @@ import functools
 import operator
 import time
 import types
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..errors import EncodeError
 from ..wire import codec
 from .inbox import Inbox
-from .outbox import BATCH_BYTES, LARGE_OUTPUT, Outbox
+from .outbox import BATCH_BYTES, Outbox
 
-RUN_TIME = 0.0005  # seconds a run may take before its size is halved
+RUN_TIME = 0.0005  # seconds of CPU a run may take before its size is halved
+# ... and of wall time: a run that waited on something (I/O, a lock, a sleep)
+# is halved too, so commands are still looked at often. Far above a time
+# slice's worth of preemption (a few ms), which says nothing of the stage.
+RUN_WALL = 0.05
 _is_output = functools.partial(operator.is_not, None)  # a map stage's None is no output
+_second = operator.itemgetter(1)
 _length_hint = operator.length_hint
 _monotonic = time.monotonic
+_cpu = time.thread_time
 _BUILTINS = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
              types.MethodWrapperType)
 
 
 def possible(inbox: Inbox | None, outbox: Outbox | None) -> bool:
-    """Whether runs can carry this replica's items: plain links on both sides."""
-    return (inbox is not None and outbox is not None and outbox.sock is not None
-            and inbox.careful is None and inbox.reorder is None and not inbox.numbered
-            and outbox.plain and outbox.max_size is None)
+    """Whether runs can carry this replica's items: a plain link out, and in, if any."""
+    return (outbox is not None and outbox.sock is not None and outbox.plain
+            and outbox.max_size is None
+            and (inbox is None or (inbox.careful is None and inbox.reorder is None
+                                   and not inbox.numbered)))
 
 
 class Runs:
-    """Drives ``process`` over a replica's whole input in runs (see the module)."""
+    """Drives a map stage over its whole input (map), or a source's outputs (source),
+    in runs (see the module)."""
 
-    def __init__(self, inbox: Inbox, outbox: Outbox, stage: str):
+    def __init__(self, inbox: Inbox | None, outbox: Outbox, stage: str):
         self.inbox = inbox
         self.outbox = outbox
         self.stage = stage
@@ -83,16 +91,16 @@ class Runs:
         self.cut: list[Any] | None = None  # the items a frame cut off the run
         self.python_call = True
 
-    def run(self, process: Callable[[Any], Any]) -> bool:
+    def map(self, process: Callable[[Any], Any]) -> bool:
         """Call ``process`` on every input item and send its outputs; True once the
         input has ended, False if the stage went back to the per-item loop (the
         items not taken yet are still the inbox's)."""
         inbox, outbox = self.inbox, self.outbox
+        assert inbox is not None
         batch = outbox.batch
         pack = batch.packer.pack
         take, done = inbox.take_run, inbox.run_done
         begins, ended = outbox.run_begins, outbox.run_ended
-        most = max(1, outbox.batch_items)
         size = 1
         batch.on_frame = self._cut
         # A builtin called directly raises in C too: its errors are not the packer's.
@@ -103,17 +111,16 @@ class Runs:
                 if not items:
                     return True
                 self.left = left = iter(items)
-                taken = len(items)
-                if taken > 1:
+                if len(items) > 1:
                     begins()
-                started = _monotonic()
+                started, cpu = _monotonic(), _cpu()
                 try:
                     # (encoded is looked up per run: a flush gives the batch a new list)
                     batch.encoded.extend(map(pack, filter(_is_output, map(process, left))))
                 except BaseException as exc:
                     self._failed(exc)
                     raise
-                elapsed = _monotonic() - started
+                elapsed = _cpu() - cpu, _monotonic() - started
                 cut, self.cut = self.cut, None
                 if cut:
                     inbox.give_back(cut)
@@ -122,16 +129,65 @@ class Runs:
                     raise RuntimeError(f"stage {self.stage!r}: the call raised StopIteration "
                                        f"(for an item of type "
                                        f"{type(inbox.last_item).__name__})")
-                largest = ended(len(items), started)
+                mean, large = ended(len(items), started)
                 done()  # after the outputs are in the outbox: a leased input is acknowledged
-                if largest >= LARGE_OUTPUT or cut is not None:
+                if large or cut is not None:
                     return False
-                if elapsed < RUN_TIME / 2:
-                    size = min(size * 2, most, max(1, BATCH_BYTES // max(largest, 1)))
-                elif elapsed > RUN_TIME:
-                    size = max(1, size // 2)
+                size = self._next_size(size, elapsed, mean)
         finally:
             batch.on_frame = None
+
+    def source(self, outputs: Iterator[Any]) -> bool:
+        """Send every output of a source's iterator; True once it has ended, False if the
+        source went back to the per-item loop (``outputs`` then resumes where it was).
+
+        The run's outputs are zip()ped with a gate of ``size`` entries: zip asks the
+        gate first, so a frame that cuts the gate (``_cut``) stops the run before the
+        source is resumed; it may reuse the array it yielded."""
+        outbox = self.outbox
+        batch = outbox.batch
+        pack = batch.packer.pack
+        begins, ended = outbox.run_begins, outbox.run_ended
+        size = 1
+        batch.on_frame = self._cut
+        try:
+            while True:
+                self.items = gate = [None] * size
+                self.left = left = iter(gate)
+                if size > 1:
+                    begins()
+                started, cpu = _monotonic(), _cpu()
+                try:
+                    batch.encoded.extend(map(pack, map(_second, zip(left, outputs))))
+                except BaseException:
+                    outbox.run_failed()
+                    raise
+                elapsed = _cpu() - cpu, _monotonic() - started
+                cut, self.cut = self.cut, None
+                # The gate had entries left, yet zip stopped: the source has ended (zip
+                # took one gate entry more than outputs came).
+                exhausted = cut is None and _length_hint(left) > 0
+                mean, large = ended(size, started)
+                if exhausted:
+                    return True
+                if large or cut is not None:
+                    return False
+                size = self._next_size(size, elapsed, mean)
+        finally:
+            batch.on_frame = None
+
+    def _next_size(self, size: int, elapsed: tuple[float, float], mean: int) -> int:
+        """Double a run that was quick, halve a slow one (``elapsed``: its CPU and wall
+        time); at most a batch's worth (``mean``: its outputs' mean size)."""
+        cpu, wall = elapsed
+        if wall > RUN_WALL or cpu > RUN_TIME:
+            return max(1, size // 2)
+        if cpu < RUN_TIME / 2:
+            # Under BATCH_BYTES (FRAME_MIN too): the run_ended() of such a run need not
+            # look for an output a frame's worth.
+            return min(size * 2, max(1, self.outbox.batch_items),
+                       max(1, (BATCH_BYTES - 1) // max(mean, 1)))
+        return size
 
     def _cut(self) -> None:
         """From the batch, as an output makes a frame: end the run after this output."""

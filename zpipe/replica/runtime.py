@@ -397,7 +397,7 @@ class Replica:
         assert self.outbox is not None and self.control is not None
         end_input = self.outbox.end_input if self.outbox.ordered_by is not None else None
         try:
-            runs = Runs(self.inbox, self.outbox, self.stage).run \
+            runs = Runs(self.inbox, self.outbox, self.stage) \
                 if runs_possible(self.inbox, self.outbox) else None
             self.body.run(self.inbox, self.outbox.send, end_input, runs)
         except SourceStopped:

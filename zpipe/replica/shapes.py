@@ -28,6 +28,7 @@ if typing.TYPE_CHECKING:
     from ..config import PipelineSpec
     from .batching import Batching
     from .itempolicy import ItemErrors, Policy
+    from .runs import Runs
 from ..api.stage import Stage
 
 
@@ -428,14 +429,13 @@ class Body:
 
     def run(self, inputs: "Inputs | None", send: Callable[[Any], None],
             end_input: Callable[[], None] | None = None,
-            runs: Callable[[Callable[[Any], Any]], bool] | None = None) -> None:
+            runs: Runs | None = None) -> None:
         """Feed the body its inputs until they end; pass every output to ``send``.
 
         ``end_input``, if given, is called once each input item has been fully
         handled (an ``ordered`` stage closes that item's outputs with it).
-        ``runs``, if given, can carry a plain map stage's items faster
-        (runs.py): it is given the call, and returns False if it handed the
-        rest back to the loop here.
+        ``runs``, if given, carries a source's outputs or a map stage's items
+        faster (runs.py), until it hands the rest back to the loops here.
         """
         callee = self.callee
         target, params, shape = callee.target, callee.params, callee.shape
@@ -445,7 +445,7 @@ class Body:
             if self.on_total is not None and isinstance(outputs, Sized):
                 with contextlib.suppress(Exception):  # a len() that fails says nothing
                     self.on_total(len(outputs))
-            _send_all(outputs, send, callee)
+            _send_all(outputs, send, callee, runs)
         elif shape is Shape.STREAM:
             assert inputs is not None
             result = target(inputs, **params)
@@ -469,7 +469,7 @@ class Body:
                 self.errors.run(items, process, send, end_input, shape is Shape.FLATMAP)
                 return
             if shape is not Shape.FLATMAP and end_input is None:
-                if runs is not None and items is inputs and runs(process):
+                if runs is not None and items is inputs and runs.map(process):
                     return
                 for item in items:  # the usual case, every item: kept to the bare loop
                     out = process(item)
@@ -487,12 +487,16 @@ class Body:
                     end_input()
 
 
-def _send_all(outputs: Any, send: Callable[[Any], None], callee: Callee) -> None:
+def _send_all(outputs: Any, send: Callable[[Any], None], callee: Callee,
+              runs: Runs | None = None) -> None:
     if not isinstance(outputs, Iterable):
         raise TypeError(f"stage {callee.stage!r}: {callee.describe()} returned "
                         f"{type(outputs).__name__}, not an iterable of items")
     try:
-        for out in outputs:
+        each = iter(outputs)
+        if runs is not None and runs.source(each):
+            return
+        for out in each:
             send(out)
     finally:
         close = getattr(outputs, "close", None)

@@ -552,7 +552,7 @@ class Batch:
         elif tags is None:
             prefix = _PREFIXES[count] if count < len(_PREFIXES) else \
                 _HEAD_PLAIN + self.packer.pack_array_header(count)
-            header = prefix + b"".join(encoded)
+            header = b"".join([prefix, *encoded])  # one copy of the items, not two
         else:
             header = b"".join([_HEAD_TAGGED, self.packer.pack_array_header(count),
                                *encoded, self._pack(tags)])
