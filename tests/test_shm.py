@@ -105,10 +105,19 @@ def test_no_room_sends_frames_and_a_failed_item_gives_its_segment_back(folder, m
     assert len(frames) == 2  # the first in the one segment there is room for, then a frame
     assert np.array_equal(codec.decode(frames, shm.Attached(folder))[1], np.ones(MIB, "u1"))
     monkeypatch.setattr(shm, "POOL_BYTES", 100 * MIB)
-    monkeypatch.setattr(shm, "POOL_SEGMENTS", 3)
+    segments.most = 3  # as Segments(folder, 3) would have it
     frames = send(segments, *[np.ones(MIB, dtype=np.uint8)] * 4)
     # The one from before (given back when its array went) and two more, then a frame.
     assert len(frames) == 2 and len(segments.busy) == 3
+
+
+def test_a_sender_holds_no_more_segments_than_its_link_has_on_the_way(folder):
+    # Under backpressure, names would also queue in the kernel's socket buffer: the
+    # segments behind them are bounded by what the link's hwm lets be on the way.
+    segments = shm.Segments(folder, in_flight=2)
+    frames = send(segments, *[np.ones(MIB, dtype=np.uint8)] * 3)
+    assert len(frames) == 2 and len(segments.busy) == 2  # two segments, then a frame
+    assert shm.Segments(folder, in_flight=10_000).most == shm.POOL_SEGMENTS
 
 
 def test_a_replica_that_ends_removes_the_segments_nobody_holds(folder):

@@ -280,7 +280,10 @@ class Replica:
                     control.early.clear()
             # Large items through shared memory: on ipc links to one host, not leased
             # (a leased message is kept to be sent again: it keeps its frames).
-            segments = shm.Segments(wiring.segments) if downstream and dispatcher is None and \
+            # Each link's queues, at both ends, and one item in hand at each.
+            in_flight = 2 * wiring.downstream_hwm * len(downstream) + 2
+            segments = shm.Segments(wiring.segments, in_flight) \
+                if downstream and dispatcher is None and \
                 all(a.startswith("ipc://") for a in downstream) and \
                 shm.usable(wiring.segments) else None
             self.outbox = Outbox(push, control, source=self.inbox is None,

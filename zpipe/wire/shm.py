@@ -27,7 +27,9 @@ time it needs one, and copies the next item into it. A ``bytes`` item is copied
 out at once (the user gets ``bytes``, which cannot wrap foreign memory) and its
 segment released at once. A sender keeps at most POOL_BYTES of segments and a
 receiver at most CACHE_BYTES of mappings; an item that finds no room goes as
-a frame, as before: nothing ever waits for a segment.
+a frame, as before: nothing ever waits for a segment. Nor does it hold more
+segments than its link's hwm lets messages be on their way: what a link holds
+stays about what it held with frames.
 
 An item is frozen as it is sent: it is copied into the segment when the
 Batch packs it. A relay that returns its input (an array that is a view of a
@@ -142,8 +144,13 @@ class Segments:
     """A sender's segments: ``put_array``/``put_bytes`` copy an item into one nobody
     holds and return its name, or None (no room: the item goes as a frame)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, in_flight: int = POOL_SEGMENTS):
         self.folder = folder
+        # At most as many segments as the link's hwm lets messages be on their way
+        # (the caller's count): under backpressure a link of segments' names would
+        # also fill the kernel's socket buffer, which no hwm counts, with items whose
+        # memory frames would have kept within the hwm.
+        self.most = max(1, min(POOL_SEGMENTS, in_flight))
         self.dir_fd = _open_folder(folder)
         self.pid = os.getpid()
         self.made = 0
@@ -211,9 +218,9 @@ class Segments:
 
     def _make(self, size: int) -> _Own | None:
         while self.free and (self.size + size > POOL_BYTES or
-                             len(self.free) + len(self.busy) >= POOL_SEGMENTS):
+                             len(self.free) + len(self.busy) >= self.most):
             self._drop(self.free.pop(0))  # free segments of other sizes make room
-        if self.size + size > POOL_BYTES or len(self.busy) >= POOL_SEGMENTS:
+        if self.size + size > POOL_BYTES or len(self.busy) >= self.most:
             return None
         self.made += 1
         name = f"{self.pid}-{self.made}"
@@ -264,8 +271,13 @@ def _unlink(name: str, dir_fd: int) -> None:
 class Attached:
     """A receiver's side: segment names from its input turned into arrays and bytes."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, in_flight: int = POOL_SEGMENTS):
         self.folder = folder
+        # At most as many segments as the link's hwm lets messages be on their way
+        # (the caller's count): under backpressure a link of segments' names would
+        # also fill the kernel's socket buffer, which no hwm counts, with items whose
+        # memory frames would have kept within the hwm.
+        self.most = max(1, min(POOL_SEGMENTS, in_flight))
         self.dir_fd = _open_folder(folder)
         self.maps: collections.OrderedDict[str, tuple[int, mmap.mmap]] = \
             collections.OrderedDict()
