@@ -51,7 +51,7 @@ import time
 from typing import IO, Any, Iterable
 
 READY_TIMEOUT = 60.0  # seconds for the server to import zpipe and answer
-ANSWER_TIMEOUT = 10.0  # seconds for a fork's answer once it is ready
+ANSWER_TIMEOUT = 30.0  # seconds for a fork's answer once it is ready
 MAX_MESSAGE = 1 << 20  # a request: argv and environment, as JSON
 PR_SET_PDEATHSIG = 1
 
@@ -146,6 +146,9 @@ class ForkServer:
     def _answer(self, timeout: float) -> int:
         pid = self._read(timeout, until_started=True)
         if pid is None:
+            # A late answer would be taken for the next request's: it is not
+            # waited for. Its replicas die with it (parent-death signal).
+            self.process.kill()
             raise OSError(f"zpipe fork server (pid {self.pid}) did not answer within "
                           f"{timeout:g} s")
         return pid
