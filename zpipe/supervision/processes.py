@@ -29,9 +29,17 @@ class ForkedHandle:
     def wait(self, timeout: float) -> None:
         self.process.join(timeout)
 
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
 
 class Processes:
-    """Replica processes on this host, started by Popen or forked by multiprocessing.
+    """Replica processes on this host: subprocess.Popen objects, or what behaves as one
+    (forkserver.ForkedReplica, ForkedHandle of multiprocessing).
 
     ``on_start(name, handle)`` runs for every process started, restarts
     included (the launcher relays its output, the janitor watches it).
@@ -56,11 +64,6 @@ class Processes:
         handle = start()
         self.add(name, handle, start)
         return handle
-
-    def popen(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return self.start(name, lambda: subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE))
 
     def alive(self, name: str) -> bool:
         handle = self.handles.get(name)
@@ -90,11 +93,8 @@ class Processes:
     def _signal(self, names: list[str], signum: int) -> None:
         for name in names:
             handle = self.handles.get(name)
-            if handle is not None and handle.pid and handle.poll() is None:
-                try:
-                    os.kill(handle.pid, signum)
-                except ProcessLookupError:
-                    pass
+            if handle is not None and handle.pid:
+                handle.send_signal(signum)  # none to a process already reaped
 
     def terminate(self, names: list[str]) -> None:
         self._signal(names, signal.SIGTERM)

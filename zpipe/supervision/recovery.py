@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from ..replica.failures import Failure
 from ..wire import protocol
 from .restarts import RestartPolicy
 
@@ -102,9 +103,16 @@ class Recovery:
             if now >= when:
                 del self.due[name]
                 replica = sup.replicas[name]
+                pid = replica.pid
                 replica.new_life()
                 self.rejoining.add(name)
-                sup.workers.restart(name)
+                try:
+                    sup.workers.restart(name)
+                except OSError as exc:  # no process could be made (fork server gone, EAGAIN)
+                    self.rejoining.discard(name)
+                    replica.exited = True
+                    sup._fail(Failure(replica.stage, name, "died",
+                                      message=f"(pid {pid}) could not be started again: {exc}"))
         for name, deadline in list(self.awaited.items()):
             if now > deadline:
                 del self.awaited[name]

@@ -42,6 +42,7 @@ from .liveness import Liveness
 from .recovery import Recovery
 
 TICK_MS = 100
+EXIT_TICK_MS = 10  # once every stage is done: replicas are exiting, and the run ends then
 ABORT_WAIT = 3.0      # after ABORT, how long before SIGTERM
 TERMINATE_WAIT = 3.0  # after SIGTERM, how long before SIGKILL
 HEARTBEAT_TIMEOUT = 5.0  # a remote replica silent this long is said to be
@@ -302,7 +303,10 @@ class Supervisor:
     # -- loop --------------------------------------------------------------
 
     def _tick(self) -> None:
-        if self.router.poll(TICK_MS):
+        # Exits are seen by looking (workers.exited()), not by a message: look
+        # more often while they are due, so the run ends as soon as the last one.
+        ending = self.stages[-1].status == "done"
+        if self.router.poll(EXIT_TICK_MS if ending else TICK_MS):
             self._read_messages()
         for identity, first in self.liveness.dropped():
             # A replica's heartbeat socket drops with its main one: the main one,
