@@ -57,12 +57,15 @@ from .inbox import Inbox
 from .outbox import BATCH_BYTES, Outbox
 
 RUN_TIME = 0.0005  # seconds of CPU a run may take before its size is halved
-# ... and of wall time: a run that waited on something (I/O, a lock, a sleep)
-# is halved too, so commands are still looked at often. Far above a time
-# slice's worth of preemption (a few ms), which says nothing of the stage.
-RUN_WALL = 0.05
+# ... and of wall time: a run that waited on something (I/O, a lock, a sleep: a
+# paced source) is halved too, as its first outputs waited for its end, and
+# grows only if it waited for nothing. About a time slice: a run preempted
+# once (12 replicas on 2 cores) is not made smaller for it.
+RUN_WALL = 0.005
 _is_output = functools.partial(operator.is_not, None)  # a map stage's None is no output
 _second = operator.itemgetter(1)
+_DONE: Iterator[Any] = iter(())  # a run of one item, once taken
+_END = object()
 _length_hint = operator.length_hint
 _monotonic = time.monotonic
 _cpu = time.thread_time
@@ -110,6 +113,9 @@ class Runs:
                 self.items = items = take(size)
                 if not items:
                     return True
+                if len(items) == 1:
+                    size = self._one(process, items, size)
+                    continue
                 self.left = left = iter(items)
                 if len(items) > 1:
                     begins()
@@ -152,6 +158,17 @@ class Runs:
         batch.on_frame = self._cut
         try:
             while True:
+                if size == 1:
+                    # One at a time (a paced source, or runs just begun): send() as the
+                    # per-item loop does; its fast path sends an output after a pause
+                    # at once, where a run's bookkeeping would be its latency.
+                    started = _monotonic()
+                    out = next(outputs, _END)
+                    if out is _END:
+                        return True
+                    outbox.send(out)
+                    size = self._next_size(1, (_monotonic() - started,) * 2, 0)
+                    continue
                 self.items = gate = [None] * size
                 self.left = left = iter(gate)
                 if size > 1:
@@ -176,13 +193,31 @@ class Runs:
         finally:
             batch.on_frame = None
 
+    def _one(self, process: Callable[[Any], Any], items: list[Any], size: int) -> int:
+        """A run of one item (a low rate, or a slow stage): called and sent as by the
+        per-item loop, through send(), which sends an output after a pause at once
+        (a run's bookkeeping would be that item's latency). The next run's size."""
+        self.left = _DONE
+        started = _monotonic()
+        try:
+            out = process(items[0])
+            if out is not None:
+                self.outbox.send(out)
+        except BaseException as exc:
+            self._failed(exc)
+            raise
+        assert self.inbox is not None
+        self.inbox.run_done()
+        # Wall time for CPU: a quick item says the stage is quick.
+        return self._next_size(size, (_monotonic() - started,) * 2, 0)
+
     def _next_size(self, size: int, elapsed: tuple[float, float], mean: int) -> int:
         """Double a run that was quick, halve a slow one (``elapsed``: its CPU and wall
         time); at most a batch's worth (``mean``: its outputs' mean size)."""
         cpu, wall = elapsed
         if wall > RUN_WALL or cpu > RUN_TIME:
             return max(1, size // 2)
-        if cpu < RUN_TIME / 2:
+        if cpu < RUN_TIME / 2 and wall < RUN_TIME:
             # Under BATCH_BYTES (FRAME_MIN too): the run_ended() of such a run need not
             # look for an output a frame's worth.
             return min(size * 2, max(1, self.outbox.batch_items),
