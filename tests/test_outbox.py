@@ -157,3 +157,37 @@ def test_an_unsendable_output_is_named_and_the_batch_goes_on(link):
     finally:
         outbox.close()
     assert items == [1, 2]
+
+
+def test_an_output_after_a_pause_never_passes_outputs_waiting_in_the_batch(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        outbox.send(0)  # after a pause: alone, at once
+        outbox.send(1)  # right after it: a batch begins, for the Flusher
+        outbox.send(2)
+        spin(outbox_module.IDLE_GAP * 5)  # a pause, shorter than the Flusher's period
+        outbox.send(3)  # joins the batch that waits, behind 1 and 2
+        outbox.flush()
+        items = [item for message in receive(pull, 4) for item in message]
+    finally:
+        outbox.close()
+    assert items == [0, 1, 2, 3]
+
+
+def test_a_sources_output_after_a_pause_carries_the_stamp_due(link):
+    push, pull, control = link
+    outbox = Outbox(push, control, source=True)
+    try:
+        for i in range(3):
+            spin(outbox_module.IDLE_GAP * 2)  # each output after a pause
+            outbox.next_stamp = 0.0 if i == 1 else float("inf")  # a stamp due for the second
+            outbox.send(i)
+        outbox.flush()
+        stamped = []
+        while len(stamped) < 3 and pull.poll(2000):
+            items, _, origin = codec.decode_stamped(pull.recv_multipart())
+            stamped += [(item, origin is not None) for item in items]
+    finally:
+        outbox.close()
+    assert stamped == [(0, False), (1, True), (2, False)]

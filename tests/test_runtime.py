@@ -209,6 +209,36 @@ def test_inbox_iteration_and_next_share_one_input():
         ctx.destroy(linger=0)
 
 
+def test_each_message_is_timed_with_the_waits_of_its_own_items(monkeypatch):
+    # A message's timing point is marked only once its items are handed over
+    # (Inbox._fill): a wait for room downstream after that belongs to its
+    # items, not to the message before. The clock is the test's.
+    clock = [10.0]
+    monkeypatch.setattr(inbox_module, "_monotonic", lambda: clock[0])
+    ctx = zmq.Context()
+    try:
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind("inproc://timed")
+        push.connect("inproc://timed")
+        control = ctx.socket(zmq.DEALER)
+        control.connect("inproc://nobody")
+        push.send_multipart(codec.encode(["a"]))
+        push.send_multipart(codec.encode(["b"]))
+        inbox = Inbox(pull, Control(control), "timed", 10)
+        items = iter(inbox)
+        assert next(items) == "a"  # in at 10
+        clock[0] = 20.0
+        assert next(items) == "b"  # in at 20: "a" took 10 s
+        inbox.times.blocked += 100.0  # "b"'s output waited 100 s for room
+        clock[0] = 21.0
+        inbox.control.stopped = True
+        assert list(items) == []  # the end, at 21: "b" took 1 s, all of it blocked
+        histogram = inbox.times.items
+        assert histogram.count == 2 and histogram.sum == pytest.approx(10.0)
+    finally:
+        ctx.destroy(linger=0)
+
+
 def test_an_idle_inbox_answers_drain_and_stop_at_once(monkeypatch):
     # A sleeping replica must wake for commands, not find them at its next
     # timeout: with the timeout at a minute, a missed wake-up fails here.

@@ -181,7 +181,7 @@ class Outbox:
         under the lock and then drops just those (flush_if_due). Outputs that
         hold arrays, and every output while max_size applies, take put().
         """
-        batch, put, checkpoint = self.batch, self.put, self._checkpoint
+        batch, put, checkpoint, alone = self.batch, self.put, self._checkpoint, self._alone
         # Bound once: every name below is a local or a closure cell, not an
         # attribute or global looked up per output.
         pack, pack_any, fresh = batch._pack, batch.pack, batch.fresh
@@ -201,12 +201,32 @@ class Outbox:
                 # those go at once (put's rule)
                 return self._put_packed(data)
             encoded = batch.encoded
+            if not encoded and alone(data):
+                return None
             encoded.append(data)
             count = len(encoded)
             if count < every or not count % every or len(data) > large:
                 checkpoint()
             return None
         return send
+
+    def _alone(self, data: bytes) -> bool:
+        """The fast path's output into an empty batch: after a pause it leaves at once
+        in a message of its own, the batch left empty (_checkpoint would send it
+        too, through the batch: a few microseconds more on every item's way at a
+        low rate). False when it is to begin a batch instead: no pause, or a
+        stamp due. The batch is empty without the lock: only this thread adds
+        to it, and the Flusher only takes what is there."""
+        now = _monotonic()
+        if now - self.last_flush <= IDLE_GAP or self._stamp_due(now):
+            return False
+        self.lock.acquire()
+        try:
+            self._send_now([codec.HEAD_ONE + data], 1)
+        finally:
+            self.lock.release()
+        self._check_control(now)
+        return True
 
     def _put_packed(self, data: bytes) -> None:
         """An output already packed, holding arrays: added and sent at once, as by put()."""

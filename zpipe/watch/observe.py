@@ -158,12 +158,18 @@ class Times:
         """A timing point (a message taken in, or sent by a source): the ``items`` of
         the last point were worked on since, less the waits in between; the next
         point times these ``items``. A few operations a message, none per item."""
+        self.mark_then(now, items, self.idle, self.blocked)
+
+    def mark_then(self, now: float, items: int, idle: float, blocked: float) -> None:
+        """mark(), done later: ``idle`` and ``blocked`` are the totals as they were at
+        ``now`` (an inbox takes them as a message arrives, and marks once its stage
+        has the items: see Inbox._fill)."""
         if self.marked_at is not None and self.marked_items:
-            spent = (now - self.marked_at - (self.idle - self.marked_idle)
-                     - (self.blocked - self.marked_blocked))
+            spent = (now - self.marked_at - (idle - self.marked_idle)
+                     - (blocked - self.marked_blocked))
             self.items.add(max(spent, 0.0) / self.marked_items, self.marked_items)
         self.marked_at, self.marked_items = now, items
-        self.marked_idle, self.marked_blocked = self.idle, self.blocked
+        self.marked_idle, self.marked_blocked = idle, blocked
 
     def busy(self, now: float) -> float:
         """Seconds neither idle nor blocked since it started: in the stage's calls,

@@ -575,6 +575,10 @@ _HEAD_STAMPED = b"\x94" + msgpack.packb(PROTOCOL_VERSION)  # [version, items, ta
 _PREFIXES = [_HEAD_PLAIN + header
              for header in map(msgpack.Packer().pack_array_header, range(1025))]
 
+# A message of one untagged item is HEAD_ONE + the item's packed bytes (what
+# frames() makes of a batch of one): the Outbox sends an output after a pause so.
+HEAD_ONE = _PREFIXES[1]
+
 
 def encode(items: Sequence[Any], tags: Sequence[Any] | None = None) -> list[Any]:
     """Frames of one data message carrying ``items``; raises EncodeError naming the type."""
