@@ -233,15 +233,17 @@ class Inbox(Inputs):
 
     def take_run(self, limit: int) -> list[Any]:
         """Up to ``limit`` items, in order, for one run of a map stage (runs.py): those
-        waiting, and what has come in meanwhile; waits for a message if none is
-        waiting. [] once the input has ended. On a leased link the run's lots are
-        noted (run_lots) and finished with run_done(). Unnumbered links only."""
+        waiting (a message's worth, usually), or the next message's. [] once the
+        input has ended. On a leased link the run's lots are noted (run_lots) and
+        finished with run_done(). Unnumbered links only.
+
+        It does not look for more messages while some items wait: at a low rate
+        that look (a poll, and the last message's timing) would come before the
+        item's call, on its latency."""
         buffer = self.buffer
         while not buffer:
             if not self._fill(block=True):
                 return []
-        while len(buffer) < limit and self._fill(block=False):
-            pass
         count = min(limit, len(buffer))
         if self.lots is not None:
             self._take_lots(count)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import resource
 import time
 import types
 from typing import Any, Callable, Iterator
@@ -57,18 +58,20 @@ from .inbox import Inbox
 from .outbox import BATCH_BYTES, Outbox
 
 RUN_TIME = 0.0005  # seconds of CPU a run may take before its size is halved
-# ... and of wall time: a run that waited on something (I/O, a lock, a sleep: a
-# paced source) is halved too, as its first outputs waited for its end, and
-# grows only if it waited for nothing. About a time slice: a run preempted
-# once (12 replicas on 2 cores) is not made smaller for it.
-RUN_WALL = 0.005
+# A run that waited on something (I/O, a lock, a sleep: a paced source), as the
+# thread's voluntary context switches tell, is halved too once it took this
+# long: its first outputs waited for its end. Preemption (12 replicas on 2
+# cores) is an involuntary switch, which says nothing of the stage. Any run
+# is halved past RUN_WALL, so that commands are still looked at often.
+RUN_WAITED = RUN_TIME
+RUN_WALL = 0.05
 _is_output = functools.partial(operator.is_not, None)  # a map stage's None is no output
 _second = operator.itemgetter(1)
 _DONE: Iterator[Any] = iter(())  # a run of one item, once taken
 _END = object()
 _length_hint = operator.length_hint
 _monotonic = time.monotonic
-_cpu = time.thread_time
+_RUSAGE_THREAD = getattr(resource, "RUSAGE_THREAD", resource.RUSAGE_SELF)  # Linux's
 _BUILTINS = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
              types.MethodWrapperType)
 
@@ -119,14 +122,14 @@ class Runs:
                 self.left = left = iter(items)
                 if len(items) > 1:
                     begins()
-                started, cpu = _monotonic(), _cpu()
+                started, usage = _monotonic(), _usage()
                 try:
                     # (encoded is looked up per run: a flush gives the batch a new list)
                     batch.encoded.extend(map(pack, filter(_is_output, map(process, left))))
                 except BaseException as exc:
                     self._failed(exc)
                     raise
-                elapsed = _cpu() - cpu, _monotonic() - started
+                elapsed = _spent(usage, _monotonic() - started)
                 cut, self.cut = self.cut, None
                 if cut:
                     inbox.give_back(cut)
@@ -167,19 +170,19 @@ class Runs:
                     if out is _END:
                         return True
                     outbox.send(out)
-                    size = self._next_size(1, (_monotonic() - started,) * 2, 0)
+                    size = self._next_size(1, _one_item(_monotonic() - started), 0)
                     continue
                 self.items = gate = [None] * size
                 self.left = left = iter(gate)
                 if size > 1:
                     begins()
-                started, cpu = _monotonic(), _cpu()
+                started, usage = _monotonic(), _usage()
                 try:
                     batch.encoded.extend(map(pack, map(_second, zip(left, outputs))))
                 except BaseException:
                     outbox.run_failed()
                     raise
-                elapsed = _cpu() - cpu, _monotonic() - started
+                elapsed = _spent(usage, _monotonic() - started)
                 cut, self.cut = self.cut, None
                 # The gate had entries left, yet zip stopped: the source has ended (zip
                 # took one gate entry more than outputs came).
@@ -209,15 +212,16 @@ class Runs:
         assert self.inbox is not None
         self.inbox.run_done()
         # Wall time for CPU: a quick item says the stage is quick.
-        return self._next_size(size, (_monotonic() - started,) * 2, 0)
+        return self._next_size(size, _one_item(_monotonic() - started), 0)
 
-    def _next_size(self, size: int, elapsed: tuple[float, float], mean: int) -> int:
+    def _next_size(self, size: int, elapsed: tuple[float, float, bool], mean: int) -> int:
         """Double a run that was quick, halve a slow one (``elapsed``: its CPU and wall
-        time); at most a batch's worth (``mean``: its outputs' mean size)."""
-        cpu, wall = elapsed
-        if wall > RUN_WALL or cpu > RUN_TIME:
+        time, and whether it waited); at most a batch's worth (``mean``: its outputs'
+        mean size)."""
+        cpu, wall, waited = elapsed
+        if cpu > RUN_TIME or wall > RUN_WALL or (waited and wall > RUN_WAITED):
             return max(1, size // 2)
-        if cpu < RUN_TIME / 2 and wall < RUN_TIME:
+        if cpu < RUN_TIME / 2:
             # Under BATCH_BYTES (FRAME_MIN too): the run_ended() of such a run need not
             # look for an output a frame's worth.
             return min(size * 2, max(1, self.outbox.batch_items),
@@ -245,6 +249,24 @@ class Runs:
         if exc is not None and self.python_call and _raised_by_pack(exc):
             raise EncodeError(f"cannot send an output of stage {self.stage!r}: it holds {exc}; "
                               f"zpipe sends {codec.SUPPORTED}") from None
+
+
+def _usage() -> Any:
+    return resource.getrusage(_RUSAGE_THREAD)
+
+
+def _spent(before: Any, wall: float) -> tuple[float, float, bool]:
+    """CPU time, wall time, and whether the thread waited (a voluntary context switch),
+    since ``before`` (a _usage())."""
+    now = _usage()
+    cpu = now.ru_utime + now.ru_stime - before.ru_utime - before.ru_stime
+    return cpu, wall, now.ru_nvcsw != before.ru_nvcsw
+
+
+def _one_item(wall: float) -> tuple[float, float, bool]:
+    """A lone item's timing, from its wall time alone (two more system calls would
+    be its latency): as CPU time, and as a wait if long."""
+    return wall, wall, wall > RUN_WAITED
 
 
 def _raised_by_pack(exc: BaseException) -> bool:
