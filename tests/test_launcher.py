@@ -479,3 +479,32 @@ def test_batches_stay_under_the_next_stages_max_message_size(project):
     result = project.launch()
     assert result.returncode == 0, result.stderr
     assert len(project.lines("out.jsonl")) == 400
+
+
+def test_the_output_pump_closes_while_it_is_ending_on_its_own():
+    # close() sets `closing` and wakes the pump; the pump, seeing `closing` with no
+    # stream left, ends and closes its wake pipe. Its select made to return at once
+    # (as a timeout would), it ends in the window between the two: the wake must
+    # not go to a closed pipe (EBADF), nor to whatever took its descriptor.
+    import io
+    import threading
+
+    from zpipe.supervision.launcher import OutputPump
+
+    for _ in range(50):
+        pump = OutputPump(io.BytesIO(), io.BytesIO())
+        pump.selector.select = lambda timeout=None: []
+        pump.start()
+        errors: list[BaseException] = []
+        closer = threading.Thread(target=lambda: _close_catching(pump, errors))
+        closer.start()
+        closer.join(10)
+        pump.join(10)
+        assert not errors and not pump.is_alive()
+
+
+def _close_catching(pump, errors: list[BaseException]) -> None:
+    try:
+        pump.close(5.0)
+    except BaseException as exc:  # noqa: BLE001 - the test reports it
+        errors.append(exc)

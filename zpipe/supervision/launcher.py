@@ -99,6 +99,7 @@ class OutputPump(threading.Thread):
         self.added: list[tuple[str, ForkedReplica]] = []
         self.lock = threading.Lock()
         self.closing = False
+        self.ended = False  # the wake pipe is closed (under the lock: nobody writes to it then)
         self.wake_read, self.wake_write = os.pipe()
         self.selector.register(self.wake_read, selectors.EVENT_READ, None)
 
@@ -107,7 +108,7 @@ class OutputPump(threading.Thread):
         with self.lock:
             self.width = max(self.width, len(name))
             self.added.append((name, proc))
-        os.write(self.wake_write, b"x")
+            self._wake()
 
     def close(self, timeout: float) -> None:
         """Stop once the streams have ended (a grandchild may hold one open: not longer
@@ -116,13 +117,23 @@ class OutputPump(threading.Thread):
             if self.ident is not None:
                 self.join(timeout)
             return
-        self.closing = True
-        if self.ident is None:  # never started
-            os.close(self.wake_read)
-            os.close(self.wake_write)
-            return
-        os.write(self.wake_write, b"x")
+        with self.lock:
+            self.closing = True
+            if self.ident is None:  # never started
+                self._close_wake()
+                return
+            # The pump may have seen `closing` and ended already: then no write.
+            self._wake()
         self.join(timeout)
+
+    def _wake(self) -> None:
+        if not self.ended:
+            os.write(self.wake_write, b"x")
+
+    def _close_wake(self) -> None:
+        self.ended = True
+        os.close(self.wake_read)
+        os.close(self.wake_write)
 
     def _register_added(self) -> None:
         with self.lock:
@@ -144,8 +155,8 @@ class OutputPump(threading.Thread):
                         continue
                     self._relay(key)
         finally:
-            os.close(self.wake_read)
-            os.close(self.wake_write)
+            with self.lock:
+                self._close_wake()
 
     def _relay(self, key: selectors.SelectorKey) -> None:
         name, target, partial = key.data

@@ -271,13 +271,8 @@ def _unlink(name: str, dir_fd: int) -> None:
 class Attached:
     """A receiver's side: segment names from its input turned into arrays and bytes."""
 
-    def __init__(self, folder: str, in_flight: int = POOL_SEGMENTS):
+    def __init__(self, folder: str):
         self.folder = folder
-        # At most as many segments as the link's hwm lets messages be on their way
-        # (the caller's count): under backpressure a link of segments' names would
-        # also fill the kernel's socket buffer, which no hwm counts, with items whose
-        # memory frames would have kept within the hwm.
-        self.most = max(1, min(POOL_SEGMENTS, in_flight))
         self.dir_fd = _open_folder(folder)
         self.maps: collections.OrderedDict[str, tuple[int, mmap.mmap]] = \
             collections.OrderedDict()
