@@ -120,8 +120,7 @@ class Runs:
                     size = self._one(process, items, size)
                     continue
                 self.left = left = iter(items)
-                if len(items) > 1:
-                    begins()
+                begins()
                 started, usage = _monotonic(), _usage()
                 try:
                     # (encoded is looked up per run: a flush gives the batch a new list)
@@ -174,8 +173,7 @@ class Runs:
                     continue
                 self.items = gate = [None] * size
                 self.left = left = iter(gate)
-                if size > 1:
-                    begins()
+                begins()
                 started, usage = _monotonic(), _usage()
                 try:
                     batch.encoded.extend(map(pack, map(_second, zip(left, outputs))))
