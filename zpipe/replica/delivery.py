@@ -30,6 +30,8 @@ bare integer.
 from __future__ import annotations
 
 import collections
+import itertools
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 import msgpack
@@ -198,18 +200,39 @@ class Lots:
         hand = self.in_hand
         if not hand:
             return
-        finished = False
-        for lot in hand:
-            lot.left -= 1
-            if not lot.left:
-                lot.needs = self.outputs_pending()
-                finished = True
+        self.finish_counts(zip(hand, itertools.repeat(1)))
         hand.clear()
-        if finished:
-            self.acknowledge()
 
-    def finish_counts(self, counts: list[list[Any]]) -> None:
-        """The stage has finished ``n`` items of each ``[lot, n]`` (a run, runs.py)."""
+    def take_counts(self, count: int) -> list[list[Any]]:
+        """The stage takes the next ``count`` items in a row (a run, runs.py), as take()
+        would one by one: ``[lot, n]`` for each lot they come from, in order."""
+        taking, counts = self.taking, []
+        while count:
+            lot = taking[0]
+            n = min(count, lot.to_take)
+            lot.to_take -= n
+            if not lot.to_take:
+                taking.popleft()
+            counts.append([lot, n])
+            count -= n
+        return counts
+
+    def untake(self, counts: list[list[Any]], back: int) -> None:
+        """The last ``back`` items of a take_counts() were not reached: they are taken
+        again later, first (``counts`` is left with what was reached)."""
+        for entry in reversed(counts):
+            if not back:
+                break
+            lot, n = entry
+            m = min(back, n)
+            if not lot.to_take:
+                self.taking.appendleft(lot)
+            lot.to_take += m
+            entry[1] -= m
+            back -= m
+
+    def finish_counts(self, counts: Iterable[Sequence[Any]]) -> None:
+        """The stage has finished ``n`` items of each ``(lot, n)``."""
         finished = False
         for lot, n in counts:
             lot.left -= n

@@ -246,7 +246,7 @@ class Inbox(Inputs):
                 return []
         count = min(limit, len(buffer))
         if self.lots is not None:
-            self._take_lots(count)
+            self.run_lots = self.lots.take_counts(count)
         items = list(buffer)
         buffer.clear()
         if count == len(items):
@@ -254,42 +254,18 @@ class Inbox(Inputs):
         buffer.extend(items[count:])  # in C, as the rest: cheaper than popleft() per item
         return items[:count]
 
-    def _take_lots(self, count: int) -> None:
-        """Note which lots the next ``count`` items come from, as take() would one by one."""
-        taking, run_lots = self.lots.taking, self.run_lots  # type: ignore[union-attr]
-        run_lots.clear()
-        while count:
-            lot = taking[0]
-            n = min(count, lot.to_take)
-            lot.to_take -= n
-            if not lot.to_take:
-                taking.popleft()
-            run_lots.append([lot, n])
-            count -= n
-
     def run_done(self) -> None:
         """Every item of the last run is finished (its outputs are in the outbox)."""
         if self.lots is not None and self.run_lots:
             self.lots.finish_counts(self.run_lots)
-            self.run_lots.clear()
+            self.run_lots = []
 
     def give_back(self, items: list[Any]) -> None:
         """The last ``len(items)`` items of the run, not reached: first again, in their
         order, and on a leased link their lots' to take again."""
         self.buffer.extendleft(reversed(items))
-        if self.lots is None:
-            return
-        taking, back = self.lots.taking, len(items)
-        for entry in reversed(self.run_lots):
-            if not back:
-                break
-            lot, n = entry
-            m = min(back, n)
-            if not lot.to_take:
-                taking.appendleft(lot)
-            lot.to_take += m
-            entry[1] -= m
-            back -= m
+        if self.lots is not None:
+            self.lots.untake(self.run_lots, len(items))
 
     def _careful_count(self, count: int) -> tuple[int, tuple[bytes, int, int] | None]:
         """How many of the next ``count`` items may go in one list, on a leased link:

@@ -284,7 +284,7 @@ class Outbox:
         finally:
             self.lock.release()
 
-    def run_ended(self, items: int, started: float) -> tuple[int, int]:
+    def run_ended(self, items: int, started: float) -> tuple[int, bool]:
         """A run of ``items`` calls, begun at ``started``, has appended its outputs to the
         batch: an output that made frames leaves now, the rest by put()'s rules.
         Returns the run's outputs' mean size, and whether one may be a frame's worth
