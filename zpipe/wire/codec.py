@@ -715,12 +715,7 @@ class _InSegments:
                 raise DecodeError("not a zpipe data message: decoded twice, differently")
             self.replay += 1
             return self.made[self.replay - 1]
-        try:
-            value = make(data)
-        except DecodeError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - shm.SegmentError, and a stranger's bytes
-            raise DecodeError(f"not a zpipe data message: a bad {what}: {_why(exc)}") from None
+        value = _made(what, make, data)
         self.made.append(value)
         return value
 
@@ -768,12 +763,7 @@ class _Arrays:
             what, make = "bytes item", self._bytes
         else:
             return self.shared(code, data)
-        try:
-            return make(data)
-        except DecodeError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise DecodeError(f"not a zpipe data message: a bad {what}: {_why(exc)}") from None
+        return _made(what, make, data)
 
     def _frame(self, index: Any, what: str) -> Any:
         """Frame ``index``, which must be the next one, as the k-th referring ext claims."""
@@ -869,6 +859,12 @@ def _ext_without_frames(code: int, data: bytes) -> Any:
                           "leased, or outside a launched run)")
     else:
         raise DecodeError(f"not a zpipe data message: extension type {code}")
+    return _made(what, make, data)
+
+
+def _made(what: str, make: Any, data: bytes) -> Any:
+    """``make(data)``, whatever it raises for a stranger's bytes (shm.SegmentError
+    among it) turned into DecodeError naming ``what``."""
     try:
         return make(data)
     except DecodeError:
