@@ -188,7 +188,7 @@ def test_a_replica_that_fails_at_import_is_reported_with_its_stage(project):
     assert result.returncode == 1
     assert re.search(r"^loader-0 +\| zpipe: error: .*stage 'loader'.*RuntimeError: no model "
                      r"file in this replica", result.stderr, re.M), result.stderr
-    assert re.search(r"stage 'loader' replica loader-0 \(pid \w+\) died without a word: "
+    assert re.search(r"stage 'loader' replica loader-0 \(pid \d+\) died without a word: "
                      r"exited with status 2", result.stderr), result.stderr
 
 

@@ -82,6 +82,9 @@ def test_a_peer_of_another_version_is_a_clear_error(tmp_path):
         def kill(self, names):
             pass
 
+        def pid(self, name):
+            return None
+
     spec = PipelineSpec(name="p", stages=(StageSpec(name="src", run="m:f"),), grace=1)
     address = f"ipc://{tmp_path}/control"
     reports: list[str] = []

@@ -365,6 +365,9 @@ class _Both:
     def alive(self, name: str) -> bool:
         return any(part.alive(name) for part in self.parts)
 
+    def pid(self, name: str) -> int | None:
+        return next((pid for part in self.parts if (pid := part.pid(name)) is not None), None)
+
 
 # -- ParallelPipe's model ----------------------------------------------------------
 

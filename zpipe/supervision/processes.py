@@ -69,6 +69,10 @@ class Processes:
         handle = self.handles.get(name)
         return handle is not None and handle.poll() is None
 
+    def pid(self, name: str) -> int | None:
+        handle = self.handles.get(name)
+        return handle.pid if handle is not None else None
+
     def restart(self, name: str) -> None:
         start = self.starters.get(name)
         if start is None:
@@ -140,6 +144,9 @@ class Threads:
         thread = self.threads.get(name)
         return thread is not None and thread.is_alive()
 
+    def pid(self, name: str) -> int | None:
+        return os.getpid() if name in self.threads else None  # this process's thread
+
     def restart(self, name: str) -> None:
         thread = self.threads.get(name)
         if name in self.runs and (thread is None or not thread.is_alive()):
@@ -199,3 +206,6 @@ class Remote:
 
     def alive(self, name: str) -> bool:
         return True  # not known here: its connection says (liveness.py)
+
+    def pid(self, name: str) -> None:
+        return None  # its hello says it

@@ -103,7 +103,7 @@ class Recovery:
             if now >= when:
                 del self.due[name]
                 replica = sup.replicas[name]
-                pid = replica.pid
+                where = sup.pid_of(replica)  # of the life that ended
                 replica.new_life()
                 self.rejoining.add(name)
                 try:
@@ -112,7 +112,7 @@ class Recovery:
                     self.rejoining.discard(name)
                     replica.exited = True
                     sup._fail(Failure(replica.stage, name, "died",
-                                      message=f"(pid {pid}) could not be started again: {exc}"))
+                                      message=f"{where}could not be started again: {exc}"))
         for name, deadline in list(self.awaited.items()):
             if now > deadline:
                 del self.awaited[name]

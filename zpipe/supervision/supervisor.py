@@ -68,6 +68,10 @@ class Workers(Protocol):
     def alive(self, name: str) -> bool:
         """Whether that replica's process (or thread) is still there."""
 
+    def pid(self, name: str) -> int | None:
+        """The process that replica runs in, if started here (a replica that dies
+        before its hello is named by it); None for one started elsewhere."""
+
 
 @dataclass
 class ReplicaState:
@@ -616,10 +620,16 @@ class Supervisor:
                                         f"sent {how}" if status is None else how)
         if self.recovery.ended(replica, cause):
             return
+        where = self.pid_of(replica)
         self._fail(Failure(replica.stage, replica.name, "died",
-                           message=f"(pid {replica.pid}) {replica.error_cause}" if
-                           replica.error_cause else
-                           f"(pid {replica.pid}) died without a word: {how}"))
+                           message=f"{where}{replica.error_cause}" if replica.error_cause else
+                           f"{where}died without a word: {how}"))
+
+    def pid_of(self, replica: ReplicaState) -> str:
+        """The words naming a replica's process, "(pid N) ": its pid from its hello, or
+        from where it was started (one that died before its hello); else none."""
+        pid = replica.pid if replica.pid is not None else self.workers.pid(replica.name)
+        return f"(pid {pid}) " if pid is not None else ""
 
     def _connection_dropped(self, name: str, first: int) -> None:
         """ZeroMQ dropped a replica's connection (``first``: the number of the first
