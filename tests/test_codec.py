@@ -1416,6 +1416,32 @@ def test_measure_counts_what_was_appended_directly():
     assert batch.measure() == 0
 
 
+def test_counted_spares_measure_a_count_only_where_it_is_exact():
+    batch = codec.Batch()
+    batch.encoded.append(batch.pack("a" * 10))
+    assert batch.measure() == 11
+    run = [batch.pack("b" * 20), batch.pack("c" * 30)]
+    batch.encoded.extend(run)
+    batch.counted(2, 21 + 31)
+    assert batch._measured == (3, 11 + 21 + 31) and batch.measure() == 11 + 21 + 31
+    # Not what followed the counted items (two came, one is said): measure() counts.
+    batch.encoded.extend([batch.pack("d" * 20), batch.pack("e" * 25)])
+    batch.counted(1, 26)
+    assert batch.measure() == 11 + 21 + 31 + 21 + 26
+
+
+def test_squeeze_leaves_a_map_stages_none_outputs_out():
+    batch = codec.Batch()
+    batch.encoded.extend(map(batch.pack, [1, None, 2, None, None, 3]))
+    assert batch.squeeze() == 6  # only a map stage's runs pack None for no output
+    batch.holds_nothing = True
+    encoded = batch.encoded
+    assert batch.outputs() == 3
+    assert batch.squeeze(4) == 2 and batch.encoded is encoded  # in place: a run appends
+    assert codec.decode(batch.frames()) == [1, 2, None, 3]
+    assert batch.squeeze() == 3 and codec.decode(batch.frames()) == [1, 2, 3]
+
+
 def test_frames_of_the_first_items_and_drop():
     batch = codec.Batch()
     for i in range(5):

@@ -103,6 +103,10 @@ def keep_odd(x):
     return x if x % 2 else None
 
 
+def keep_below(x, limit):
+    return x if x < limit else None
+
+
 def arrays_sink(items: Iterable, path):
     with open(path, "w") as out:
         for item in items:
@@ -142,6 +146,20 @@ def test_every_item_arrives_in_order_and_none_is_no_output(project):
                     'name = "sink"\nrun = "stages:ints_sink"\nparams = { path = "out" }')
     assert result.returncode == 0, result.stderr
     assert json.loads(project.read("out")) == list(range(1, 20000, 2))
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_run_that_ends_in_none_outputs_lets_the_pipeline_end(project, restart):
+    # The last 5,000 calls return None: on a leased link (restart on) every input
+    # is still acknowledged, though no output follows them, and the run ends.
+    lease = '\nrestart = "on-failure"' if restart else ""
+    result = launch(project, 'name = "source"\nrun = "stages:numbers"\nparams = { count = 20000 }',
+                    f'name = "cut"\nrun = "stages:keep_below"\nparams = {{ limit = 15000 }}{lease}',
+                    'name = "sink"\nrun = "stages:ints_sink"\nparams = { path = "out" }',
+                    hwm=2)  # a sender waits on acknowledgements after two messages
+    assert result.returncode == 0, result.stderr
+    assert json.loads(project.read("out")) == list(range(15000))
+    assert "stage 'cut' finished: 20000 in, 15000 out" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("source, relay", [
@@ -223,9 +241,13 @@ def spin(seconds: float) -> None:
         pass
 
 
-def test_runs_lose_and_repeat_nothing_while_the_flusher_takes_batches():
+@pytest.mark.parametrize("drop", [0, 3, 1], ids=["every-output", "none-for-a-third",
+                                               "none-for-all"])
+def test_runs_lose_and_repeat_nothing_while_the_flusher_takes_batches(drop):
     # Runs append without the lock while the Flusher sends a count of outputs and
-    # drops those: pauses of every length around BATCH_WAIT, inside runs.
+    # drops those: pauses of every length around BATCH_WAIT, inside runs. A None
+    # output (``drop``: for every drop-th item) is packed in the run and must be
+    # left out of whatever message takes it, the Flusher's too, and not counted.
     ctx = zmq.Context()
     try:
         sockets = {}
@@ -254,7 +276,7 @@ def test_runs_lose_and_repeat_nothing_while_the_flusher_takes_batches():
                 spin((x % 5) * 0.0004)
             if x == count - 1:
                 control.stopped = True  # the input ends after this item
-            return x
+            return None if drop and x % drop == 0 else x
 
         runner = Runs(inbox, outbox, "relay")
         take = inbox.take_run
@@ -264,11 +286,16 @@ def test_runs_lose_and_repeat_nothing_while_the_flusher_takes_batches():
             outbox.flush()
         finally:
             outbox.close()
+        expected = [x for x in range(count) if not drop or x % drop]
         items = []
         pull = sockets["out"][0]
-        while len(items) < count and pull.poll(5000):
-            items.extend(codec.decode(pull.recv_multipart()))
-        assert items == list(range(count))
+        while len(items) < len(expected) and pull.poll(5000 if expected else 200):
+            message = codec.decode(pull.recv_multipart())
+            assert message, "an empty message was sent"
+            items.extend(message)
+        assert items == expected
+        assert not pull.poll(0)  # and nothing more
+        assert (outbox.sent, outbox.unsent()) == (len(expected), 0)
         assert max(sizes) > 16  # runs of many items were taken
     finally:
         ctx.destroy(linger=0)

@@ -296,6 +296,7 @@ class Outbox:
             # At most ``items`` outputs came, the newest last (the Flusher takes the oldest).
             recent = batch.encoded[-items:]
             size = sum(map(len, recent))
+            batch.counted(items, size)  # _checkpoint's measure() need not count them again
             large = size >= codec.FRAME_MIN and max(map(len, recent)) >= codec.FRAME_MIN
             if batch.fresh or batch.fresh_shared:  # they go at once (put's rule)
                 batch.take_fresh()
@@ -376,7 +377,9 @@ class Outbox:
                     self._flush_locked()
 
     def _flush_locked(self) -> None:
-        self._send_now(self.batch.frames(), len(self.batch))
+        count = self.batch.squeeze()
+        if count:  # else only a map stage's None outputs waited: nothing to send
+            self._send_now(self.batch.frames(), count)
         self.batch.clear()
 
     def _send_now(self, frames: list[Any], count: int) -> None:
@@ -416,8 +419,8 @@ class Outbox:
                     now - self.oldest >= BATCH_WAIT:
                 # The main thread may append as this runs (the fast path): send
                 # the outputs there are now, then drop exactly those.
-                count = len(batch)
-                if not self.try_send(batch.frames(count), count):
+                count = batch.squeeze(len(batch))
+                if count and not self.try_send(batch.frames(count), count):
                     return True  # downstream is full: the batch waits for the next look
                 self.sent += count
                 batch.drop(count)
@@ -471,7 +474,7 @@ class Outbox:
 
     def unsent(self) -> int:
         """Outputs produced and not handed to ZeroMQ: the batch, and a held-back output."""
-        return len(self.batch) + (self.pending is not _NOTHING)
+        return self.batch.outputs() + (self.pending is not _NOTHING)
 
     def _wait_released(self, tracker: zmq.MessageTracker) -> None:
         """Wait until ZeroMQ is done with the arrays just sent (written to the socket):

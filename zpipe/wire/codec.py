@@ -332,6 +332,9 @@ class Batch:
         # Called as an item makes a frame or takes a segment (replica/runs.py ends
         # its run there).
         self.on_frame: Callable[[], None] | None = None
+        # Set by a map stage's runs (replica/runs.py), which pack its None outputs
+        # too, as NOTHING: squeeze() leaves those out of the message.
+        self.holds_nothing = False
 
     def __len__(self) -> int:
         return len(self.encoded)
@@ -470,6 +473,35 @@ class Batch:
         self.header_bytes = size
         return size
 
+    def squeeze(self, count: int | None = None) -> int:
+        """Leave NOTHING out of the first ``count`` items (all by default), in place; the
+        number of items left there. One look per message (about 9 ns an item) where
+        a filter of each output in a run cost 45."""
+        encoded = self.encoded
+        end = len(encoded) if count is None else count
+        if not self.holds_nothing:
+            return end
+        try:
+            encoded.index(NOTHING, 0, end)
+        except ValueError:
+            return end
+        kept = [data for data in encoded[:end] if data != NOTHING]
+        encoded[:end] = kept  # in place: a run may be appending to this very list
+        self._measured = (0, 0)
+        return len(kept)
+
+    def outputs(self) -> int:
+        """The items waiting, NOTHING not counted (nothing changed: any thread)."""
+        return len(self.encoded) - (self.encoded.count(NOTHING) if self.holds_nothing else 0)
+
+    def counted(self, items: int, size: int) -> None:
+        """The last ``items`` encodings, appended to ``encoded`` directly, take ``size``
+        bytes: measure() counts them only if they are not exactly what came after
+        what it counted already."""
+        count, measured = self._measured
+        if count + items == len(self.encoded):
+            self._measured = (count + items, measured + size)
+
     def drop(self, count: int) -> None:
         """Forget the first ``count`` items, once frames(count) has been sent; those
         appended since stay. In place: ``encoded`` stays the list it was."""
@@ -574,6 +606,10 @@ _HEAD_TAGGED = b"\x93" + msgpack.packb(PROTOCOL_VERSION)
 _HEAD_STAMPED = b"\x94" + msgpack.packb(PROTOCOL_VERSION)  # [version, items, tags|nil, origin]
 _PREFIXES = [_HEAD_PLAIN + header
              for header in map(msgpack.Packer().pack_array_header, range(1025))]
+
+# A map stage's None output as a run packs it (replica/runs.py): no item, left
+# out of the message (Batch.squeeze).
+NOTHING = msgpack.packb(None)
 
 # A message of one untagged item is HEAD_ONE + the item's packed bytes (what
 # frames() makes of a batch of one): the Outbox sends an output after a pause so.
