@@ -150,6 +150,11 @@ class Runs:
                                        f"(for an item of type "
                                        f"{type(inbox.last_item).__name__})")
                 mean, large = ended(len(items), started)
+                # The run's items go now, while they are warm in the cache (and their
+                # memory is reused by the next message's): the next take() decodes a
+                # message first, and they would be freed only after it.
+                self.items, self.left = [], _DONE
+                del items, left
                 done()  # after the outputs are in the outbox: a leased input is acknowledged
                 if large or cut is not None:
                     return False
