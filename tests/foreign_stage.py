@@ -49,14 +49,26 @@ def main() -> None:
     inbox.bind(bind)
     outbox = ctx.socket(zmq.ROUTER if leased else zmq.PUSH)
     credits, seq, waiting = {}, 0, {}  # waiting: my seq -> (sender, its seq), to acknowledge
+    turn = 0  # where the round-robin over downstream replicas goes on
     if leased:
         outbox.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    # "ready" only once the handshake with every downstream replica is done
+    # (docs/protocol.md, Life cycle): a ROUTER drops what it cannot route yet,
+    # and the first replica to connect would take every item.
+    monitor = outbox.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     for number, address in enumerate(downstream):
         if leased:
             peer = str(number).encode()
             outbox.setsockopt(zmq.CONNECT_ROUTING_ID, peer)
             credits[peer] = FIRST_CREDITS
         outbox.connect(address)
+    handshakes, deadline = set(), time.monotonic() + 30
+    while len(handshakes) < len(downstream):
+        assert time.monotonic() < deadline, f"connected to {sorted(handshakes)} of {downstream}"
+        if monitor.poll(100):
+            handshakes.add(monitor.recv_multipart()[1].decode())
+    outbox.disable_monitor()
+    monitor.close()
 
     def take_answers(timeout_ms=0):
         """Credits (an integer) and acknowledgements (a list of seqs) from downstream."""
@@ -72,14 +84,22 @@ def main() -> None:
             timeout_ms = 0
 
     def send(frame, sender=None, theirs=None):
-        nonlocal seq
+        nonlocal seq, turn
         if not leased:
             outbox.send(frame)
             return
         while not any(credits.values()):  # wait for a credit
             take_answers(1000)
         take_answers()
-        peer = max(credits, key=credits.get)
+        # The next replica, round-robin, that has a credit left (docs/protocol.md):
+        # the one with the most would take every message while it gives credits
+        # back in bunches, and the others none.
+        peers = list(credits)
+        for step in range(len(peers)):
+            peer = peers[(turn + step) % len(peers)]
+            if credits[peer]:
+                turn = (turn + step + 1) % len(peers)
+                break
         credits[peer] -= 1
         waiting[seq] = (sender, theirs)
         outbox.send_multipart([peer, msgpack.packb([seq, 0]), frame])  # generation 0: none lost
