@@ -1333,6 +1333,122 @@ def test_inline_arrays_are_writable_and_their_own(pair):
         assert record["n"].tolist() == [0, 0]
 
 
+# -- a message of small arrays alike, made in one go (codec._inline_run) -------------------
+
+def run_of_arrays(dtype, shape, count=40):
+    """``count`` different arrays of one dtype and shape, and their message."""
+    base = np.arange(count * math.prod(shape)).reshape(count, *shape)
+    arrays = [np.ascontiguousarray(row).astype(dtype) for row in base]
+    return arrays, codec.encode(arrays)
+
+
+@pytest.mark.parametrize("dtype, shape", [
+    ("<f4", (25,)), (">i8", (3, 4)), ("?", (7,)), ("<c16", (1, 1, 2)),
+    ([("a", "<i2"), ("b", ">f8", (2,))], (5,))], ids=str)
+def test_a_run_of_small_arrays_arrives_as_arrays_of_their_own(dtype, shape):
+    """A message whose every item is a small array of one dtype and shape seen
+    before is made in one go; each array is as sent, writable, and shares no
+    memory with another item or with the header."""
+    arrays, frames = run_of_arrays(dtype, shape)
+    codec.decode(frames)  # the first of its kind: checked and made one by one
+    assert codec._inline_run(frames[0]) is not None  # the next ones are runs
+    out = codec.decode(frames)
+    assert len(out) == len(arrays)
+    for got, want in zip(out, arrays):
+        assert_same_array(got, want)
+        assert got.flags.writeable and got.flags.aligned
+        assert not np.shares_memory(got, frames[0])
+    for i, x in enumerate(out):
+        for y in out[i + 1:i + 3]:
+            assert not np.shares_memory(x, y)
+    out[0][...] = arrays[1]
+    assert out[1].tobytes() == arrays[1].tobytes()
+    assert codec.decode(frames)[0].tobytes() == arrays[0].tobytes()
+
+
+@pytest.mark.parametrize("case", ["mixed-dtypes", "mixed-shapes", "a-bytes-item-as-long",
+                                  "zero-dimensional", "text", "tagged", "first-of-its-kind"])
+def test_messages_that_are_no_run_decode_as_before(case):
+    """What only looks like a run (or is one that _inline_run leaves alone) is decoded
+    by msgpack item by item, to the same items."""
+    arrays, _ = run_of_arrays("<f4", (25,))
+    codec.decode(codec.encode(arrays))  # its start is known from here on
+    tags = None
+    if case == "mixed-dtypes":
+        items = arrays[:20] + [arrays[20].view("<i4")] + arrays[21:]
+    elif case == "mixed-shapes":
+        items = arrays[:20] + [arrays[20].reshape(5, 5)] + arrays[21:]
+    elif case == "a-bytes-item-as-long":
+        # as long as an array's encoding, and the same length in the header
+        items = arrays[:20] + [bytes(len(codec.encode([arrays[0]])[0]) - 6)] + arrays[21:]
+    elif case == "zero-dimensional":
+        items = [np.array(float(i)) for i in range(40)]
+    elif case == "text":
+        items = [np.array(["ab", str(i)]) for i in range(40)]
+        codec.decode(codec.encode(items))
+        # one character that is none (above U+10FFFF) makes the message malformed
+        head = codec.encode(items[:5] + [np.array(["ab", "Z"])] + items[6:])[0]
+        bad = head.replace(b"Z\x00\x00\x00", b"\x00\x00\x11\x00")
+        assert codec._inline_run(bad) is None
+        with pytest.raises(DecodeError, match="no value of it"):
+            codec.decode([bad])
+    elif case == "tagged":
+        items, tags = arrays, [[i, codec.TAG_LAST] for i in range(40)]
+    else:
+        items = [a.astype("<u2") for a in arrays]
+    frames = codec.encode(items, tags)
+    if case != "first-of-its-kind":
+        codec.decode_tagged(frames)
+    assert codec._inline_run(frames[0]) is None
+    out, got_tags = codec.decode_tagged(frames)
+    assert got_tags == tags
+    for got, want in zip(out, items, strict=True):
+        assert type(got) is type(want)
+        if isinstance(want, np.ndarray):
+            assert_same_array(got, want)
+        else:
+            assert got == want
+
+
+def test_mutated_runs_decode_as_item_by_item():
+    """Every byte of a run's message changed, one at a time, and a few cut short:
+    each decodes to what msgpack item by item makes of it, or is a DecodeError
+    both ways."""
+    arrays, frames = run_of_arrays("<i2", (20,), count=24)
+    codec.decode(frames)
+    head = bytes(frames[0])
+    rng = random.Random(7)
+    cases = [head[:cut] for cut in range(len(head) - 40, len(head))]
+    for at in range(len(head)):
+        mutated = bytearray(head)
+        mutated[at] = (mutated[at] + rng.randrange(1, 256)) % 256
+        cases.append(bytes(mutated))
+    taken = 0
+    for case in cases:
+        taken += codec._inline_run(case) is not None
+        try:
+            fast = codec.decode([case])
+        except DecodeError:
+            fast = DecodeError
+        try:
+            slow = item_by_item(case)
+        except DecodeError:
+            slow = DecodeError
+        if fast is DecodeError or slow is DecodeError:
+            assert fast is slow
+        else:
+            assert [(a.dtype, a.shape, a.tobytes()) for a in fast] == \
+                [(a.dtype, a.shape, a.tobytes()) for a in slow]
+    assert taken > len(head) // 2  # most changes fall in the arrays' own bytes
+
+
+def item_by_item(head):
+    """codec.decode of a one-frame message, without _inline_run."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(codec, "_RUN_MIN_BYTES", 2**62)
+        return codec.decode([head])
+
+
 @pytest.mark.parametrize("dtype", ["f8", "i1", "U3", "M8[s]", "V0", [],
                                    [("a", "i4"), ("b", "f4", (2,))]], ids=str)
 @pytest.mark.parametrize("shape", [(0,), (3, 0), (), (2, 3), (1, 1, 1, 2)], ids=str)

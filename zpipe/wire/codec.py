@@ -20,7 +20,9 @@ Batch copies a large array's bytes once, as it is added, and sends that
 private copy; on ipc and tcp links it sends the array's own bytes and the
 Outbox waits until ZeroMQ has let go of them. The receiver maps each frame
 into an array without copying it, and copies an inline array out of the
-header (either way the array is writable: it owns its memory). Tuples
+header (either way the array is writable: it owns its memory; the small
+arrays of a message whose items are all arrays of one dtype and shape are
+copied out at once, each into its own part of one block: _inline_run). Tuples
 arrive as lists, as msgpack has no tuple.
 
 An item that is itself ``bytes`` of FRAME_MIN or more travels as its own
@@ -661,6 +663,10 @@ def decode_stamped(frames: Sequence[Any], segments: shm.Attached | None = None
         head = head.bytes  # a zmq.Frame
     except AttributeError:
         pass
+    if count == 1 and len(head) >= _RUN_MIN_BYTES:
+        items = _inline_run(head)
+        if items is not None:
+            return items, None, None
     try:
         try:
             message = _unpacked(head, ext_hook)
@@ -973,6 +979,63 @@ def _inline(data: bytes) -> Any:
 # arrays received, whose checks passed: one of the same length and start differs
 # only in its bytes.
 _INLINE_RECEIVED: dict[int, tuple[bytes, Any, list[int], bool]] = {}
+
+# msgpack's ext headers by first byte: (bytes of the size after it, fixed size or None).
+_EXT_HEADS = {0xc7: (1, None), 0xc8: (2, None), 0xc9: (4, None),
+              0xd4: (0, 1), 0xd5: (0, 2), 0xd6: (0, 4), 0xd7: (0, 8), 0xd8: (0, 16)}
+# A message this short is no run worth the look: one or two items, which
+# _inline_run would only make later.
+_RUN_MIN_BYTES = 256
+
+
+def _inline_run(head: bytes) -> list[Any] | None:
+    """The items of a one-frame message ``[VERSION, [array, array, ...]]`` whose every
+    item is an inline array with the same start (dtype, shape, size) as one received
+    and checked before, made in one go; None for any other message (decoded as usual).
+
+    The small-arrays case: through the ext hook, each array costs about 0.8 µs
+    (a call from msgpack, two copies, np.frombuffer); here the message's arrays
+    are checked with one comparison, copied out of the header at once into one
+    block of their own, and handed out as views of it (about 0.1 µs each). Each
+    array is writable and its part of the block is its own; the block lives as
+    long as any of them.
+    """
+    # [VERSION, items]: a fixarray of 2, the version as a positive fixint, then
+    # the items' array header (fixarray, array 16 or array 32).
+    if head[0] != 0x92 or head[1] != PROTOCOL_VERSION:
+        return None
+    kind = head[2]
+    if kind == 0xdc:
+        count, at = int.from_bytes(head[3:5], "big"), 5
+    elif kind == 0xdd:
+        count, at = int.from_bytes(head[3:7], "big"), 7
+    elif 0x90 <= kind <= 0x9f:
+        count, at = kind & 0x0f, 3
+    else:
+        return None
+    ext = _EXT_HEADS.get(head[at])
+    if ext is None or count < 2:
+        return None
+    width, size = ext
+    if size is None:
+        size = int.from_bytes(head[at + 1:at + 1 + width], "big")
+    start = 2 + width  # the ext's first byte, its size, its type
+    if head[at + start - 1] != EXT_INLINE or len(head) - at != count * (start + size):
+        return None
+    known = _INLINE_RECEIVED.get(size)
+    if known is None:
+        return None
+    prefix, dtype, shape, fragile = known
+    if fragile or not shape or not head.startswith(prefix, at + start):
+        return None  # (a 0-d array would come out of the block as a scalar)
+    np = _np
+    rows = np.frombuffer(head, np.uint8, count * (start + size), at).reshape(count, -1)
+    skip = start + len(prefix)  # every row: the ext header and the array's start...
+    if not (rows[:, :skip] == rows[0, :skip]).all():
+        return None
+    # ... then its bytes, copied (aligned, writable) into the block.
+    block = rows[:, skip:].copy().view(dtype)
+    return list(block.reshape(count, *shape)) if len(shape) != 1 else list(block)
 
 
 def _outline(value: Any) -> str:
