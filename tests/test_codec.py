@@ -1366,6 +1366,29 @@ def test_a_run_of_small_arrays_arrives_as_arrays_of_their_own(dtype, shape):
     assert codec.decode(frames)[0].tobytes() == arrays[0].tobytes()
 
 
+def test_small_arrays_of_shapes_and_dtypes_in_turns_keep_their_own():
+    """The packer remembers the last small array's dtype and shape: arrays that
+    differ from it in one of them, or in a dtype equal but not the same, are
+    packed as what they are."""
+    a = np.arange(24, dtype="<f4")
+    items = [a, a.reshape(4, 6), a, a.view("<i4"), a.astype(np.dtype("<f4").newbyteorder(">")),
+             a, a.reshape(6, 4), a[:12], a.view([("x", "<f4")]), a]
+    batch = codec.Batch()
+    for item in items:
+        batch.add(item)
+    for got, want in zip(codec.decode(batch.frames()), items, strict=True):
+        assert_same_array(got, want)
+
+
+def test_a_small_array_like_the_last_one_still_meets_max_size():
+    batch = codec.Batch()
+    batch.add(np.ones(25, dtype="f4"))
+    batch.add(np.ones(25, dtype="f4"))  # (the first of its shape is packed the long way)
+    batch.max_size = 50
+    with pytest.raises(codec.FrameTooLarge):
+        batch.add(np.ones(25, dtype="f4"))
+
+
 @pytest.mark.parametrize("case", ["mixed-dtypes", "mixed-shapes", "a-bytes-item-as-long",
                                   "zero-dimensional", "text", "tagged", "first-of-its-kind"])
 def test_messages_that_are_no_run_decode_as_before(case):

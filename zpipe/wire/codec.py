@@ -337,14 +337,25 @@ class Batch:
         # Set by a map stage's runs (replica/runs.py), which pack its None outputs
         # too, as NOTHING: squeeze() leaves those out of the message.
         self.holds_nothing = False
+        # The dtype, shape and _INLINE_SENT prefix of the last inline array packed.
+        self._last_dtype: Any = None
+        self._last_shape: Any = None
+        self._last_prefix = b""
 
     def __len__(self) -> int:
         return len(self.encoded)
 
     def _default(self, obj: Any) -> Any:
         if type(obj) is _ndarray:  # the usual small array, of a dtype and shape seen before
+            # ... usually the very dtype and shape of the last one: compared by
+            # identity, where the lookup hashes a dtype (135 of 730 ns an array).
+            if obj.dtype is self._last_dtype and obj.shape == self._last_shape and \
+                    self.max_size is None:
+                return _tuple_new(msgpack.ExtType, (EXT_INLINE, self._last_prefix + obj.tobytes()))
             known = _INLINE_SENT.get((obj.dtype, obj.shape))
             if known is not None and (self.max_size is None or known[1] <= self.max_size):
+                self._last_dtype, self._last_shape, self._last_prefix = \
+                    obj.dtype, obj.shape, known[0]
                 return _ext(EXT_INLINE, known[0] + obj.tobytes())
         module = type(obj).__module__
         if module == "numpy":
