@@ -118,10 +118,48 @@ def test_an_output_waiting_in_a_batch_leaves_while_its_stage_is_busy(link):
         got: list = []
         deadline = time.monotonic() + 5
         while len(got) < 3 and time.monotonic() < deadline:
-            spin(0.002)  # inside a long call: only the Flusher can send them
+            # Inside a long call that holds the GIL: only the Flusher can send them,
+            # once CPython's switch interval (5 ms) makes this thread hand it over.
+            # (A call that lets go of the GIL more often than that, as a spin of
+            # 2 ms between polls did here, can keep the Flusher out for seconds:
+            # each release restarts its wait for the GIL.)
+            spin(0.05)
             while pull.poll(0):
                 got += codec.decode(pull.recv_multipart())
         assert got == [0, 1, 2]
+    finally:
+        outbox.close()
+
+
+def test_the_flusher_looks_less_often_while_its_stage_sends_and_at_once_again_when_it_stops(
+        link):
+    """While the main thread sends its batches itself, each look of the Flusher that
+    finds nothing due doubles its period, up to FLUSHER_MAX (each look takes the
+    GIL from the stage); a batch left waiting through a long call still leaves
+    within that period, and the look that sends it brings the period back."""
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    flusher = outbox.flusher
+    sent = 0
+    try:
+        deadline = time.monotonic() + 10
+        at_most = None  # once there, a few looks more: it stays there
+        while time.monotonic() < (at_most or deadline):
+            outbox.send(sent)  # a batch begins (the last send was just now) ...
+            outbox.send(sent + 1)
+            outbox.flush()     # ... and this thread sends it well before it is due
+            sent += 2
+            time.sleep(outbox_module.IDLE_GAP / 4)  # (the Flusher gets the GIL)
+            if at_most is None and flusher.period >= outbox_module.FLUSHER_MAX:
+                at_most = time.monotonic() + 4 * outbox_module.FLUSHER_MAX
+        assert flusher.period == outbox_module.FLUSHER_MAX
+        assert sum(map(len, receive(pull, sent))) == sent
+        outbox.send("left")  # joins a batch of its own ...
+        outbox.send("behind")
+        spin(outbox_module.FLUSHER_MAX * 4)  # ... through a call that holds the GIL
+        assert pull.poll(0), "the batch waited out the long call"
+        assert [item for m in receive(pull, 2) for item in m] == ["left", "behind"]
+        assert flusher.period == outbox_module.FLUSHER_PERIOD
     finally:
         outbox.close()
 
