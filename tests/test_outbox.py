@@ -133,10 +133,10 @@ def test_an_output_waiting_in_a_batch_leaves_while_its_stage_is_busy(link):
 
 def test_the_flusher_looks_less_often_while_its_stage_sends_and_at_once_again_when_it_stops(
         link):
-    """While the main thread sends its batches itself, each look of the Flusher that
-    finds nothing due doubles its period, up to FLUSHER_MAX (each look takes the
-    GIL from the stage); a batch left waiting through a long call still leaves
-    within that period, and the look that sends it brings the period back."""
+    """While the main thread sends its batches itself, each look of the Flusher
+    doubles its period, up to FLUSHER_MAX (each look takes the GIL from the
+    stage); a batch left waiting through a long call still leaves within that
+    period, and a look that finds no send since the last brings the period back."""
     push, pull, control = link
     outbox = Outbox(push, control, source=False)
     flusher = outbox.flusher

@@ -40,9 +40,9 @@ LARGE_OUTPUT = 1024
 # While the stage is busy in user code, a waiting batch leaves within this;
 # a shorter period costs a busy stage more thread wake-ups than it saves.
 FLUSHER_PERIOD = 0.005
-# ... and within this at most: while the main thread keeps sending on its own
-# and the Flusher finds nothing due, it looks half as often each time, down to
-# once per FLUSHER_MAX (each look takes the GIL from the stage: see Flusher).
+# ... and within this at most: while the main thread keeps sending on its own,
+# the Flusher looks half as often each time, down to once per FLUSHER_MAX
+# (each look takes the GIL from the stage: see Flusher).
 FLUSHER_MAX = 0.04
 IDLE_LOOK = 0.05  # an idle Flusher looks at its batch this often all the same
 IDLE_GAP = 0.0002
@@ -408,14 +408,14 @@ class Outbox:
             times.mark(now, self.sent - self.timed_sent)
             self.timed_sent = self.sent
 
-    def flush_if_due(self) -> tuple[bool, bool]:
+    def flush_if_due(self, rest: bool = True) -> bool:
         """From the Flusher: send the batch if its time is up and the socket takes it now.
 
-        Returns whether a batch still waits (the Flusher then looks again later),
-        and whether this look found one due.
+        Returns whether the Flusher is to look again later: a batch still waits,
+        a run is under way, or ``rest`` is False (it keeps looking all the same).
         """
         if not self.lock.acquire(blocking=False):
-            return True, False  # the main thread is sending: look again later
+            return True  # the main thread is sending: look again later
         try:
             assert self.sock is not None and self.flusher is not None
             now = time.monotonic()
@@ -428,18 +428,15 @@ class Outbox:
                 # the outputs there are now, then drop exactly those.
                 count = batch.squeeze(len(batch))
                 if count and not self.try_send(batch.frames(count), count):
-                    return True, True  # downstream is full: the batch waits for the next look
+                    return True  # downstream is full: the batch waits for the next look
                 self.sent += count
                 batch.drop(count)
                 self.last_flush = now
-                due = True
-            else:
-                due = False
-            if not self.batch.encoded and not self.in_run:
+            if rest and not self.batch.encoded and not self.in_run:
                 # Decided under the lock, so that put() sees it and re-arms.
                 self.flusher.idle = True
-                return False, due
-            return True, due
+                return False
+            return True
         finally:
             self.lock.release()
 
@@ -553,10 +550,12 @@ class Flusher(threading.Thread):
     5 ms cost 0.89 µs of CPU per item per hop where looks as below cost 0.80
     (medians of 3 runs in turns; the Flusher threads woke 16 times per 1,000
     items, the stages' main threads were preempted three times as often as a
-    raw chain's). A stage whose main thread keeps sending on its own
-    (Outbox.sends) while the looks find nothing due does not need them: each
-    such look doubles the period. A look that finds a batch due, or no send
-    since the last look (a long call), brings it back to FLUSHER_PERIOD.
+    raw chain's). A stage whose main thread has sent since the last look
+    (Outbox.sends) is not stuck in a call: the period doubles, and meanwhile
+    the Flusher keeps looking rather than resting between batches (a rest
+    ends in a wake-up at the next batch, of which a chain makes hundreds a
+    second). A look after no send (a long call, or no input) brings the
+    period back to FLUSHER_PERIOD, from where it may rest again.
     """
 
     def __init__(self, outbox: Outbox):
@@ -579,10 +578,9 @@ class Flusher(threading.Thread):
                 while not self.stopping:
                     sends = outbox.sends
                     time.sleep(self.period)
-                    waiting, due = outbox.flush_if_due()
-                    self.period = FLUSHER_PERIOD if due or outbox.sends == sends else \
+                    self.period = FLUSHER_PERIOD if outbox.sends == sends else \
                         min(self.period * 2, FLUSHER_MAX)
-                    if not waiting:
+                    if not outbox.flush_if_due(rest=self.period == FLUSHER_PERIOD):
                         break
         except zmq.ZMQError:
             # The socket was closed under it: the replica is ending (a signal
