@@ -299,3 +299,29 @@ def test_runs_lose_and_repeat_nothing_while_the_flusher_takes_batches(drop):
         assert max(sizes) > 16  # runs of many items were taken
     finally:
         ctx.destroy(linger=0)
+
+
+def test_runs_of_a_few_items_out_of_a_long_message_come_in_order():
+    # A slow stage takes runs of one out of a 1,000-item message: those are
+    # taken from the front, one at a time, and the rest stays in order behind.
+    ctx = zmq.Context()
+    try:
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.bind("inproc://take-run")
+        push.connect("inproc://take-run")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.connect("inproc://nobody")
+        batch = codec.Batch()
+        for i in range(1000):
+            batch.add(i)
+        push.send_multipart(batch.frames())
+        inbox = Inbox(pull, Control(dealer), "slow", 10)
+        taken = []
+        for limit in (1, 1, 3, 100, 1, 250, 1000):
+            run = inbox.take_run(limit)
+            assert len(run) == min(limit, 1000 - len(taken))
+            taken += run
+        assert taken == list(range(1000))
+        assert not inbox.buffer
+    finally:
+        ctx.destroy(linger=0)

@@ -247,6 +247,12 @@ class Inbox(Inputs):
         count = min(limit, len(buffer))
         if self.lots is not None:
             self.run_lots = self.lots.take_counts(count)
+        if count * 4 <= len(buffer):
+            # A few items of many (a slow stage's runs of one, out of a message of
+            # 1,000): copying the whole buffer, as below, would cost each run the
+            # message's length (3.8 µs a run of one out of 1,000, 0.4 µs this way).
+            popleft = buffer.popleft
+            return [popleft() for _ in range(count)]
         items = list(buffer)
         buffer.clear()
         if count == len(items):
