@@ -365,6 +365,8 @@ class Inbox(Inputs):
         """Wait for a command or a wake descriptor, not for input (the stage has all it
         may hold): the outbox sends what it holds first, commands are handled."""
         self.before_idle()
+        if self.lots is not None:
+            self.lots.flush()  # no input to wait for: nothing more would join them
         control = self.control
         control.check(_monotonic())
         control.handle()
@@ -578,6 +580,14 @@ class Inbox(Inputs):
             self.reported = self.received
         if control.stopped:
             return False
+        lots = self.lots
+        if lots is not None and lots.due and lots.due <= _monotonic():
+            # Acknowledgements that waited for others to join them (delivery.py):
+            # their time is up. Sent on the input socket, they may have taken in
+            # its wake-up: look at the input before sleeping on it.
+            lots.flush()
+            if zmq.zmq_poll(self.input_only, 0):
+                return True
         if self.woken_fd >= 0:
             self.on_wake()  # looked at: its ZMQ_FD then wakes for what comes next
             # It sent acknowledgements on the input socket, which may have taken
@@ -588,6 +598,9 @@ class Inbox(Inputs):
         asleep = _monotonic()
         timeout = IDLE_POLL_MS if deadline is None else \
             max(0, min(IDLE_POLL_MS, math.ceil((deadline - asleep) * 1000)))
+        if lots is not None and lots.due:
+            # ... and until then, input may come and finish more to join them.
+            timeout = max(0, min(timeout, math.ceil((lots.due - asleep) * 1000)))
         events = self.sleep.poll(timeout)
         if not self.holding:  # calls in flight (concurrency.py): not idle
             self.times.idle += _monotonic() - asleep

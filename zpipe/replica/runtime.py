@@ -27,7 +27,7 @@ from ..wire import codec, protocol, shm, transport
 from ..wire.security import Curve
 from . import balance, failures
 from .control import Aborted, Control, SourceStopped
-from .delivery import Lots
+from .delivery import ACK_DELAY, Lots
 from .inbox import Inbox, Reorder
 from .outbox import BATCH_ITEMS_REPLICATED, Outbox
 from .runs import Runs
@@ -242,7 +242,8 @@ class Replica:
                                       wiring.input_max_size, leased)
                 sockets.append(pull)
                 if leased:
-                    lots = Lots(functools.partial(pull.send_multipart, flags=transport.NOBLOCK))
+                    lots = Lots(functools.partial(pull.send_multipart, flags=transport.NOBLOCK),
+                                ACK_DELAY, wiring.input_hwm)
                 self.inbox = Inbox(pull, control, self.stage, wiring.input_hwm,
                                    balance.Lender(pull, wiring.input_hwm, self.body.replicas > 1)
                                    if leased else None,
@@ -333,6 +334,8 @@ class Replica:
             if self.terminate_after_teardown:
                 raise SystemExit(EXIT_TERMINATED)
             self._wait_delivered()
+            if self.inbox is not None and self.inbox.lots is not None:
+                self.inbox.lots.flush()
             control.send(protocol.DONE, **self.final_counts())
             self.phase = "done"
             control.wait_for(lambda: control.exit, EXIT_WAIT_TIMEOUT)
