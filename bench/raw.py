@@ -41,6 +41,7 @@ import msgpack
 import zmq
 
 from .procs import MARKER, Child, cpu_of, cpu_used, free_ports, python_module, rss_mb
+from .work import busy_for, spin
 
 END = b""
 BATCH = 1000           # items per message of the batched chain (issue 14)
@@ -127,6 +128,9 @@ def _ready(args) -> None:
 
 
 def source(ctx, args) -> None:
+    outs = args.out.split(",")
+    if len(outs) > 1:
+        return _dealing_source(ctx, args, outs)
     push = _socket(ctx, zmq.PUSH, args.hwm)
     push.connect(args.out)
     _ready(args)
@@ -158,6 +162,50 @@ def _batched_source(push: zmq.Socket, args) -> None:
             batch = []
     if batch:
         send(header(len(batch)) + join(batch))
+
+
+def _dealing_source(ctx, args, outs: list[str]) -> None:
+    """Small items dealt in turn to several workers, each item a message: what one
+    PUSH connected to all of them does, with a socket per worker so that each gets
+    exactly one END."""
+    pushes = [_socket(ctx, zmq.PUSH, args.hwm) for _ in outs]
+    for push, out in zip(pushes, outs):
+        push.connect(out)
+    _ready(args)
+    for i, item in enumerate(_items(args)):
+        _send(pushes[i % len(pushes)], args.kind, item)
+    for push in pushes:
+        push.send(END)
+    _hold()
+
+
+def worker(ctx, args) -> None:
+    """A relay of small items that runs spin() or busy_for() (bench/work.py) on each:
+    the raw replicas=N reference."""
+    pull, push = _socket(ctx, zmq.PULL, args.hwm), _socket(ctx, zmq.PUSH, args.hwm)
+    pull.bind(args.inp)
+    push.connect(args.out)
+    _ready(args)
+    spins, seconds = args.spins, args.busy_seconds
+    while (item := _recv(pull, "small")) is not None:
+        if seconds:
+            busy_for(seconds)
+        else:
+            spin(spins)
+        _send(push, "small", item)
+    push.send(END)
+    _hold()
+
+
+def spinner(ctx, args) -> None:
+    """spin() ``count`` times, no messaging, once the driver says go (the host's
+    ceiling for several such processes at once)."""
+    print("READY", flush=True)
+    sys.stdin.readline()
+    start = time.time()
+    for _ in range(args.count):
+        spin(args.spins)
+    _report(start=start, end=time.time())
 
 
 def identity(item):
@@ -207,7 +255,14 @@ def _sink(pull: zmq.Socket, args) -> None:
     count = nbytes = 0
     first = last = None
     latencies = []
-    while (item := _recv(pull, args.kind)) is not None:
+    ends = 0
+    while True:
+        item = _recv(pull, args.kind)
+        if item is None:
+            ends += 1
+            if ends < args.ends:  # one END per worker feeding this sink
+                continue
+            break
         last = clock()
         if args.kind == "latency":
             latencies.append(time.monotonic_ns() - item["t"])
@@ -277,7 +332,8 @@ def ping(ctx, args) -> None:
     _report(count=len(trips), latencies_ns=trips[args.warmup:])
 
 
-ROLES = {"source": source, "relay": relay, "sink": sink, "ping": ping}
+ROLES = {"source": source, "relay": relay, "sink": sink, "ping": ping, "worker": worker,
+         "spinner": spinner}
 
 
 def main() -> None:
@@ -293,6 +349,10 @@ def main() -> None:
     parser.add_argument("--nbytes", type=int, default=10 * 2**20)
     parser.add_argument("--pause", type=float, default=0.002)
     parser.add_argument("--warmup", type=int, default=0)
+    parser.add_argument("--spins", type=int, default=0, help="spin() loops per item (worker)")
+    parser.add_argument("--busy-seconds", type=float, default=0.0,
+                        help="CPU seconds of busy_for() per item (worker; instead of --spins)")
+    parser.add_argument("--ends", type=int, default=1, help="ENDs the sink waits for")
     parser.add_argument("--gated", action="store_true",
                         help="the source waits for a line on stdin; the sink holds after its "
                              "report (the driver reads CPU times around the stream)")
@@ -355,9 +415,12 @@ def _run(nodes_spec, opts: list[str], timeout: float) -> dict:
 
 
 def _opts(kind: str, count: int, hwm: int = 1000, nbytes: int = 10 * 2**20,
-          pause: float = 0.002, warmup: int = 0, gated: bool = False) -> list[str]:
+          pause: float = 0.002, warmup: int = 0, gated: bool = False, spins: int = 0,
+          busy_seconds: float = 0.0, ends: int = 1) -> list[str]:
     return ["--kind", kind, "--count", str(count), "--hwm", str(hwm), "--nbytes", str(nbytes),
-            "--pause", str(pause), "--warmup", str(warmup), *(["--gated"] if gated else [])]
+            "--pause", str(pause), "--warmup", str(warmup), "--spins", str(spins),
+            "--busy-seconds", repr(busy_seconds), "--ends", str(ends),
+            *(["--gated"] if gated else [])]
 
 
 def chain(kind: str, count: int, relays: int, timeout: float = 120, transport: str = "ipc",
@@ -377,6 +440,47 @@ def chain(kind: str, count: int, relays: int, timeout: float = 120, transport: s
     if result["count"] != count:
         raise RuntimeError(f"raw {kind} chain: {result['count']} items of {count} arrived")
     return result
+
+
+def workers(count: int, replicas: int, spins: int = 0, seconds: float = 0.0,
+            hwm: int = 100, timeout: float = 120) -> dict:
+    """source -> ``replicas`` worker processes (``spins`` loops or ``seconds`` of CPU
+    per item) -> sink, each item a message, dealt in turn (zpipe's scenario, hwm as
+    zpipe's); the sink's figures."""
+    with tempfile.TemporaryDirectory(prefix="bench-raw-") as tmp:
+        into = [f"ipc://{tmp}/work{r}" for r in range(replicas)]
+        out = f"ipc://{tmp}/sink"
+        nodes = [("sink", {"in": out})]
+        nodes += [("worker", {"in": address, "out": out}) for address in into]
+        nodes += [("source", {"out": ",".join(into)})]
+        result = _run(nodes, _opts("small", count, hwm=hwm, spins=spins, busy_seconds=seconds,
+                                   ends=replicas), timeout)
+    if result["count"] != count:
+        raise RuntimeError(f"raw workers: {result['count']} items of {count} arrived")
+    return result
+
+
+def parallel(count: int, spins: int, processes: int, timeout: float = 120) -> float:
+    """spin() ``count`` times in all, shared by ``processes`` processes started
+    together, with no messaging: items/s from the first start to the last end."""
+    children = []
+    try:
+        for _ in range(processes):
+            children.append(_node("spinner", _opts("small", count // processes, spins=spins)))
+        for child in children:
+            child.popen.stdin.write(b"go\n")
+            child.popen.stdin.flush()
+        results = []
+        for child in children:
+            status = child.wait(timeout)
+            if status != 0:
+                raise RuntimeError(f"raw spinner exited {status}:\n{child.tail()}")
+            results.append(child.result())
+    finally:
+        for child in children:
+            child.__exit__(None, None, None)
+    done = processes * (count // processes)
+    return done / (max(r["end"] for r in results) - min(r["start"] for r in results))
 
 
 def round_trip(count: int, pause: float, warmup: int, timeout: float = 60) -> dict:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import work
 from .procs import (
     Child,
     cmdline,
@@ -33,6 +34,7 @@ from .procs import (
 )
 
 STAGES = Path(__file__).with_name("stages.py")
+WORK = Path(__file__).with_name("work.py")
 MODULE = "bench_stages"
 TIMEOUT = 180.0  # seconds for any one launch; zpipe's own inactivity_timeout is 30 s
 
@@ -55,6 +57,7 @@ def _toml(value: Any) -> str:
 
 def write_pipeline(folder: Path, name: str, stages: list[dict], hwm: int) -> Path:
     shutil.copy(STAGES, folder / f"{MODULE}.py")
+    shutil.copy(WORK, folder / "bench_work.py")  # what the stages import
     lines = ["[pipeline]", f"name = {_toml(name)}", f"hwm = {hwm}", "inactivity_timeout = 30", ""]
     for spec in stages:
         lines.append("[[stages]]")
@@ -273,13 +276,14 @@ def startup(count: int, runs: int) -> dict:
             "runs": {"first_item_s": firsts, "exit_s": exits}}
 
 
-def replicas(count: int, spins: int, replicas: int) -> dict:
+def replicas(count: int, replicas: int, spins: int = 0, seconds: float = 0.0) -> dict:
     """Items/s from the source's start to the last item at the sink: end to end,
-    since items may reach the sink in bunches. ``idle_tail_s``: from the first
+    since items may reach the sink in bunches. Each item costs ``spins`` loops, or
+    ``seconds`` of CPU (bench/stages.py, Busy). ``idle_tail_s``: from the first
     replica's last item to the last replica's, the time work was not shared."""
     result, child = run_to_end("replicas", [
         stage("source", "announced_source", params={"count": count}),
-        stage("busy", "Busy", params={"spins": spins}, replicas=replicas),
+        stage("busy", "Busy", params={"spins": spins, "seconds": seconds}, replicas=replicas),
         stage("sink", "rate_sink", stream=True)], expect=count)
     events = child.results()
     start = next(r["t"] for r in events if r.get("event") == "start")
@@ -290,18 +294,16 @@ def replicas(count: int, spins: int, replicas: int) -> dict:
 
 
 def calibrate_spins(seconds: float = 0.002) -> int:
-    """Iterations of the busy loop in bench/stages.py that take ``seconds`` here
-    (the fastest of several trials: the least disturbed by other processes)."""
-    from .stages import busy
-
+    """Iterations of spin() (bench/work.py) that take ``seconds`` here (the fastest of
+    several trials: the least disturbed by other processes)."""
     trial = 200_000
-    took = min(_timed(busy, trial) for _ in range(7))
+    took = min(_timed(trial) for _ in range(7))
     return max(1, int(trial * seconds / took))
 
 
-def _timed(fn, spins: int) -> float:
+def _timed(spins: int) -> float:
     start = time.perf_counter()
-    fn(None, spins)
+    work.spin(spins)
     return time.perf_counter() - start
 
 

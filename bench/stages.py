@@ -14,6 +14,10 @@ from typing import Iterable
 
 import zpipe
 
+try:  # beside a run's pipeline.toml, as scenarios.write_pipeline copies it
+    from bench_work import busy_for, spin
+except ImportError:  # imported from the bench package
+    from bench.work import busy_for, spin
 
 def report(**fields):
     print("BENCH " + json.dumps(fields), flush=True)
@@ -124,23 +128,26 @@ def relay(item):
 
 
 def busy(item, spins):
-    """A pure-Python busy loop (spins is calibrated to ~2 ms by the bench)."""
-    x = 0
-    for k in range(spins):
-        x += k
+    """spin() (bench/work.py), then the item."""
+    spin(spins)
     return item
 
 
 class Busy(zpipe.Stage):
-    """busy() per item; each replica reports when it finished its last item."""
+    """busy() (``spins``) or busy_for() (``seconds``) per item; each replica reports
+    when it finished its last item."""
 
-    def __init__(self, spins):
+    def __init__(self, spins=0, seconds=0.0):
         self.spins = spins
+        self.seconds = seconds
         self.count = 0
         self.last = None
 
     def process(self, item):
-        busy(item, self.spins)
+        if self.seconds:
+            busy_for(self.seconds)
+        else:
+            busy(item, self.spins)
         self.count += 1
         self.last = time.time()
         return item

@@ -54,6 +54,10 @@ SIZES = {
 SOAK_KILL_EVERY = 2.0
 SOAK_REPLICAS = 3
 PAUSE = 0.002   # seconds between items in the latency scenario
+# The replicas scenario's stage: CPU seconds an item. In CPU time rather than a
+# fixed loop: the host's speed moved a fixed loop by up to 2x from one process to
+# the next, which the ratio of two runs then measured (the loop's row stays, for that).
+REPLICA_CPU = 0.002
 WARMUP = 20     # first latency samples left out
 # Issue 14: small items through 4 and 12 stages; 32 processes (source, 30 relay
 # replicas, sink); the sizes of the bytes items and of the small arrays.
@@ -193,30 +197,47 @@ def startup(n: dict) -> list[Row]:
 
 
 def replicas(n: dict) -> list[Row]:
-    spins = scenarios.calibrate_spins(0.002)
-    step(f"replicas: zpipe busy stage ({spins:,} spins, ~2 ms here), {n['replicas']} items, "
-         f"replicas=1 and 2 in turns")
+    count, spins = n["replicas"], scenarios.calibrate_spins(REPLICA_CPU)
+    step(f"replicas: a busy stage, {REPLICA_CPU * 1e3:g} ms of CPU an item, {count} items, "
+         f"replicas=1 and 2, raw pyzmq workers 1 and 2; then a fixed loop ({spins:,} "
+         f"spins, ~{REPLICA_CPU * 1e3:g} ms here) through zpipe, and alone in 1 and 2 "
+         f"processes; all in turns")
     tails: list[float] = []
 
     def two_replicas() -> float:
-        result = scenarios.replicas(n["replicas"], spins, 2)
+        result = scenarios.replicas(count, 2, seconds=REPLICA_CPU)
         tails.append(result["idle_tail_s"])
         return result["rate"]
 
-    one, two = interleaved(n, lambda: scenarios.replicas(n["replicas"], spins, 1)["rate"],
-                           two_replicas)
+    one, two, raw_one, raw_two, loop_one, loop_two, alone_one, alone_two = interleaved(
+        n, lambda: scenarios.replicas(count, 1, seconds=REPLICA_CPU)["rate"], two_replicas,
+        lambda: raw.workers(count, 1, seconds=REPLICA_CPU)["rate"],
+        lambda: raw.workers(count, 2, seconds=REPLICA_CPU)["rate"],
+        lambda: scenarios.replicas(count, 1, spins=spins)["rate"],
+        lambda: scenarios.replicas(count, 2, spins=spins)["rate"],
+        lambda: raw.parallel(count, spins, 1),
+        lambda: raw.parallel(count, spins, 2))
     row = versus("CPU-bound stage, replicas=2 vs 1", two, one, rate, "(zpipe, replicas=1)",
                  ">=", 1.8)
-    row.data.update(spins=spins, ms_per_item=1e3 / one)
-    paired = statistics.median(b / a for a, b in zip(one.runs, two.runs))
+    row.data.update(cpu_s_per_item=REPLICA_CPU, ms_per_item=1e3 / one)
     tail = statistics.median(tails)
+    loop = versus("same, a fixed loop an item (the host's speed changes in)", loop_two,
+                  loop_one, rate, "(zpipe, replicas=1)")
+    loop.data.update(spins=spins)
     return [row,
-            Row("same, median of the ratios run by run", "-", ratio=f"{paired:.2f}x",
-                data={"ratio": paired}),
+            _median_row(one, two),
             Row("same: one replica idle, the other busy, at the end", f"{tail * 1e3:.0f} ms",
                 f"median of {len(tails)} run{'s' * (len(tails) != 1)}, each about "
-                f"{n['replicas'] / two:.2f} s",
-                data={"runs": tails})]
+                f"{count / two:.2f} s",
+                data={"runs": tails}),
+            versus("same through raw pyzmq: 2 workers vs 1 (each item a message)", raw_two,
+                   raw_one, rate, "(raw, 1 worker)"),
+            _median_row(raw_one, raw_two),
+            loop,
+            _median_row(loop_one, loop_two),
+            versus("the fixed loop alone: 2 processes vs 1, no messaging", alone_two,
+                   alone_one, rate, "(1 process)"),
+            _median_row(alone_one, alone_two)]
 
 
 def memory(n: dict) -> list[Row]:
