@@ -272,28 +272,25 @@ class Lots:
             while finishing and not finishing[0].left and finishing[0].needs < acked_below:
                 lot = finishing.popleft()
                 done.setdefault(lot.sender, []).append(lot.seq)
-            if done and not self.delay:
-                for sender, seqs in done.items():
-                    self.send([sender, msgpack.packb(seqs)])
-                return
             if done:
-                unsent, full = self.unsent, False
-                for sender, seqs in done.items():
-                    if sender in unsent:
-                        seqs = unsent[sender] = unsent[sender] + seqs
-                    else:
-                        unsent[sender] = seqs
-                    full = full or len(seqs) >= self.most
-                if full:
-                    self.flush()  # its sender may soon wait for them
-                    return
-                if not self.due:
-                    now = _monotonic()
-                    if now - self.last_sent > self.delay:
-                        self.flush()  # after a pause: at once
-                        return
-                    self.due = now + self.delay
+                self._send_or_hold(done)
         if self.due and _monotonic() >= self.due:
+            self.flush()
+
+    def _send_or_hold(self, done: dict[bytes, list[int]]) -> None:
+        """Acknowledgements just due, per sender: sent now (no delay, a pause since the
+        last were sent, or a quarter of the hwm waiting for a sender), or held to
+        share a message with those that follow, until ``due``."""
+        unsent = self.unsent
+        at_once = not self.delay
+        for sender, seqs in done.items():
+            seqs = unsent[sender] = unsent.get(sender, []) + seqs
+            at_once = at_once or len(seqs) >= self.most  # its sender may soon wait for them
+        if not at_once and not self.due:
+            now = _monotonic()
+            at_once = now - self.last_sent > self.delay  # after a pause: at once
+            self.due = now + self.delay
+        if at_once:
             self.flush()
 
     def flush(self) -> None:
