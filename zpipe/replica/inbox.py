@@ -581,19 +581,19 @@ class Inbox(Inputs):
         if control.stopped:
             return False
         lots = self.lots
+        sent_on_input = False
         if lots is not None and lots.due and lots.due <= _monotonic():
             # Acknowledgements that waited for others to join them (delivery.py):
-            # their time is up. Sent on the input socket, they may have taken in
-            # its wake-up: look at the input before sleeping on it.
+            # their time is up.
             lots.flush()
-            if zmq.zmq_poll(self.input_only, 0):
-                return True
+            sent_on_input = True
         if self.woken_fd >= 0:
             self.on_wake()  # looked at: its ZMQ_FD then wakes for what comes next
-            # It sent acknowledgements on the input socket, which may have taken
-            # in the input's wake-up: look at the input before sleeping on it.
-            if zmq.zmq_poll(self.input_only, 0):
-                return True
+            sent_on_input = True  # it sends acknowledgements on the input socket
+        # A send on the input socket may have taken in the input's wake-up: look
+        # at the input before sleeping on it.
+        if sent_on_input and zmq.zmq_poll(self.input_only, 0):
+            return True
         ready = False
         asleep = _monotonic()
         timeout = IDLE_POLL_MS if deadline is None else \
