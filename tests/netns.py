@@ -2,8 +2,12 @@
 
 The bridge lives in a namespace of its own, so no test traffic touches the
 machine's interfaces; names resolve through /etc/netns/NAME/hosts, which
-`ip netns exec` mounts over /etc/hosts. Everything is removed on exit, also
-when the test fails.
+`ip netns exec` mounts over /etc/hosts. Any other name is asked of a DNS
+server on the bridge that never answers (resolv.conf, mounted likewise): a
+name taken out of the hosts files (``forget``) takes the resolver its full
+timeout, as the name of a container that is gone can where the DNS server
+forwards what it does not know to one out of reach. Everything is removed
+on exit, also when the test fails.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 SUBNET = "10.213.{}.{}"
+SILENT_DNS = "10.213.255.53"  # on the bridge's subnet, and nobody's
 
 
 def available() -> bool:
@@ -42,8 +47,6 @@ class Hosts:
             ip("netns", "add", self.bridge)
             ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
             ip("-n", self.bridge, "link", "set", "br0", "up")
-            hosts = "127.0.0.1 localhost\n" + "".join(
-                f"{self.addresses[n]} {n}\n" for n in self.names)
             for i, name in enumerate(self.names):
                 ns = self.namespaces[name]
                 ip("netns", "add", ns)
@@ -55,13 +58,29 @@ class Hosts:
                 ip("-n", ns, "addr", "add", f"{self.addresses[name]}/16", "dev", "eth0")
                 ip("-n", ns, "link", "set", "eth0", "up")
                 ip("-n", ns, "link", "set", "lo", "up")
+                # The DNS server's MAC is nobody's: what is sent to it is dropped on
+                # the bridge, with no ARP failure to cut the resolver's wait short.
+                ip("-n", ns, "neigh", "add", SILENT_DNS, "lladdr", "02:00:00:00:00:53",
+                   "dev", "eth0", "nud", "permanent")
                 folder = Path("/etc/netns") / ns
                 folder.mkdir(parents=True, exist_ok=True)
-                (folder / "hosts").write_text(hosts)
+                # The longest wait glibc allows (30 s), once.
+                (folder / "resolv.conf").write_text(f"nameserver {SILENT_DNS}\n"
+                                                    f"options timeout:30 attempts:1\n")
+            self._write_hosts(self.names)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _write_hosts(self, names: list[str]) -> None:
+        hosts = "127.0.0.1 localhost\n" + "".join(f"{self.addresses[n]} {n}\n" for n in names)
+        for ns in self.namespaces.values():
+            (Path("/etc/netns") / ns / "hosts").write_text(hosts)
+
+    def forget(self, name: str) -> None:
+        """``name`` stops resolving on every host, slowly (see the module)."""
+        self._write_hosts([n for n in self.names if n != name])
 
     def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path,
               **popen: object) -> subprocess.Popen[str]:

@@ -58,12 +58,12 @@ def test_example_runs_with_every_service_on_its_own_host(tmp_path):
     assert "stage 'store' finished: 300 in, 0 out" in log
 
 
-ENDLESS = """
+TICKS = """
 import itertools, json, time
 from typing import Iterable
 
-def ticks():
-    for i in itertools.count():
+def ticks(count=None):
+    for i in itertools.count() if count is None else range(count):
         time.sleep(0.005)
         yield i
 
@@ -78,11 +78,13 @@ def record(items: Iterable, path):
 """
 
 
-def test_losing_a_host_is_reported_and_stops_the_rest(tmp_path):
-    (tmp_path / "stages.py").write_text(ENDLESS)
+def start_ticks(tmp_path: Path, name: str, ticks: str) -> tuple[netns.Hosts, dict, Path]:
+    """ticks -> relay (2 replicas) -> sink, exported for compose and started a host per
+    service, once 20 items have reached the sink; the hosts, processes, and logs."""
+    (tmp_path / "stages.py").write_text(TICKS)
     (tmp_path / "pipeline.toml").write_text(
-        '[pipeline]\nname = "lossy"\ngrace = 2\n'
-        '[[stages]]\nname = "ticks"\nrun = "stages:ticks"\n'
+        f'[pipeline]\nname = "{name}"\ngrace = 2\n'
+        f'[[stages]]\nname = "ticks"\nrun = "stages:ticks"\n{ticks}'
         '[[stages]]\nname = "relay"\nrun = "stages:relay"\nreplicas = 2\n'
         f'[[stages]]\nname = "sink"\nrun = "stages:record"\nparams = {{ path = "{tmp_path}/out" }}\n')
     compose = subprocess.run([*ZPIPE, "export", "compose", "pipeline.toml"], cwd=tmp_path,
@@ -96,6 +98,15 @@ def test_losing_a_host_is_reported_and_stops_the_rest(tmp_path):
         output = tmp_path / "out"
         wait_until(lambda: output.exists() and len(output.read_text().splitlines()) > 20,
                    timeout=60, what="items at the sink")
+    except BaseException:
+        hosts.__exit__(None, None, None)
+        raise
+    return hosts, procs, logs
+
+
+def test_losing_a_host_is_reported_and_stops_the_rest(tmp_path):
+    hosts, procs, logs = start_ticks(tmp_path, "lossy", "")
+    try:
         # The sink has one replica and restart = "no": losing its host fails the run
         # (losing one of relay's two would not: the other takes over).
         hosts.kill_host("sink-0")
@@ -107,3 +118,27 @@ def test_losing_a_host_is_reported_and_stops_the_rest(tmp_path):
     assert status == 1, log
     assert "stage 'sink' replica sink-0" in log and "lost its connection" in log, log
     assert all(code is not None for code in others.values())
+
+
+def test_a_replica_whose_name_stops_resolving_holds_up_nothing_else(tmp_path):
+    """libzmq looks a peer's name up in its I/O thread before each reconnect; where the
+    name of a container that is gone takes the resolver its whole timeout, that thread
+    is stuck meanwhile. The sender's commands, heartbeats and other links must not be."""
+    count = 1000
+    hosts, procs, logs = start_ticks(tmp_path, "resolving", f"params = {{ count = {count} }}\n")
+    try:
+        # Gone, and its name with it: every reconnect of ticks-0 to it now waits on
+        # the resolver (30 s here), in an I/O thread of ticks-0.
+        hosts.forget("relay-1")
+        hosts.kill_host("relay-1")
+        status = procs["supervisor"].wait(60)
+        # ... which ticks-0 does not wait for to exit either.
+        others = {name: p.wait(10) for name, p in procs.items() if name != "relay-1"}
+    finally:
+        hosts.__exit__(None, None, None)
+    log = (logs / "supervisor.log").read_text()
+    assert status == 0, log
+    assert "replica relay-1" in log and "goes on with 1 replica" in log, log
+    assert set(others.values()) == {0}, others
+    ids = {json.loads(line) for line in (tmp_path / "out").read_text().splitlines()}
+    assert ids == set(range(count))

@@ -43,3 +43,17 @@ def test_it_serves_its_attributes_and_stops_at_once_freeing_the_port():
         assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read() == b"again"
     finally:
         again.close()
+
+
+def test_starting_asks_the_resolver_nothing(monkeypatch):
+    # http.server's own bind looks up the host's full name: with a DNS server that
+    # does not answer, that held every replica's start for seconds.
+    asked = []
+    for name in ("gethostbyaddr", "getfqdn", "gethostbyname"):
+        monkeypatch.setattr(socket, name, lambda *args, name=name: asked.append(name))
+    served = serve(Hello, "0.0.0.0", 0, "greetings", greeting="hi")
+    try:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{served.port}/", timeout=5).read() == b"hi"
+    finally:
+        served.close()
+    assert asked == []

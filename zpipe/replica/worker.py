@@ -20,10 +20,12 @@ import zmq
 
 from ..config import ENV_GPU, Addresses, PipelineSpec, StageSpec, plan_addresses
 from ..errors import ConfigError
-from ..wire import shm
+from ..wire import shm, transport
 from ..wire.security import Curve, stop_authenticator
 from . import shapes
 from .runtime import EXIT_TERMINATED, Heartbeat, Replica, Wiring
+
+log = logging.getLogger("zpipe")
 
 ENV_RUNTIME_DIR = "ZPIPE_RUNTIME_DIR"
 ENV_PARENT_PID = "ZPIPE_PARENT_PID"
@@ -118,7 +120,7 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
     a thread shares its caller's context and supervisor, and never gives up.
     """
     own = ctx is None
-    context = zmq.Context() if own else ctx
+    context = transport.replica_context(len(wiring.downstream)) if own else ctx
     if supervisor_timeout is None:
         supervisor_timeout = float(os.environ.get(ENV_SUPERVISOR_TIMEOUT,
                                                   DEFAULT_SUPERVISOR_TIMEOUT))
@@ -142,9 +144,10 @@ def serve(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,
         heartbeat.close()
         if own:
             stop_authenticator(context)
-            # destroy, not term: a signal may have cut a cleanup short and left
-            # a socket open, and term would wait on it for ever.
-            context.destroy(linger=0)
+            if not transport.end_context(context):
+                log.warning("replica %s: ZeroMQ's threads did not end within %g s (one "
+                            "looking up a peer's name?); exiting without them",
+                            worker.name, transport.CONTEXT_END_WAIT)
 
 
 def forked_main(callee: shapes.Callee, replica: int, replicas: int, wiring: Wiring,

@@ -8,10 +8,22 @@ serves one still exits at once.
 from __future__ import annotations
 
 import socket
+import socketserver
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 POLL = 0.05  # seconds serve_forever waits between looks at whether to stop
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        # HTTPServer's own asks the resolver for this host's full name, which
+        # nothing here uses: where the host's name is not in /etc/hosts and
+        # the DNS server does not answer, that held a replica's start for 6 s.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
 
 
 class Served:
@@ -38,8 +50,7 @@ def serve(handler: type[BaseHTTPRequestHandler], address: str, port: int,
         # The address decides the family: "::" needs an IPv6 socket.
         family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
                                     flags=socket.AI_PASSIVE)[0][0]
-        server_class = type("Server", (ThreadingHTTPServer,),
-                            {"address_family": family, "daemon_threads": True})
+        server_class = type("Server", (_Server,), {"address_family": family})
         server = server_class((address, port), handler)
     except OSError as e:  # gaierror (a bad address) is an OSError too
         error = OSError(f"cannot serve {what} at {address}:{port}: {e.strerror or e}")

@@ -8,6 +8,7 @@ ROUTER sockets instead, and credits spread the work (see balance.py).
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Callable
 
@@ -31,6 +32,57 @@ SNDMORE = int(zmq.SNDMORE)
 # The backend's send, under pyzmq's Python-level Socket.send (which only adds
 # the routing_id and group arguments of draft sockets): one call less per message.
 send_frame = zmq.backend.Socket.send
+
+
+# A replica's I/O threads (replica_context): the first carries its control channel
+# alone, the others its data links, each connection to a replica downstream on
+# one of them in turn. libzmq looks up a peer's host name in the I/O thread of
+# the connection, with the system's resolver, before each attempt to reconnect:
+# where the name of a replica that is gone stops resolving and the lookup
+# waits on a DNS server (5 s and more, with one that does not answer), that
+# thread does nothing else meanwhile. Apart, commands, heartbeats and the
+# links to the other replicas go on.
+CONTROL_IO_THREAD = 0
+MAX_DATA_IO_THREADS = 8
+CONTEXT_END_WAIT = LINGER_MS / 1000 + 1.0
+
+
+def replica_context(downstream: int) -> zmq.Context:
+    """The context of a replica process with ``downstream`` replicas to send to."""
+    return zmq.Context(io_threads=1 + max(1, min(downstream, MAX_DATA_IO_THREADS)))
+
+
+def end_context(ctx: zmq.Context) -> bool:
+    """Close what is left open of ``ctx`` and end it, waiting at most CONTEXT_END_WAIT
+    seconds; False if it has not ended by then.
+
+    Ending waits for every I/O thread, and one inside a name lookup (see above)
+    answers only once the lookup returns, 25 s later in a container here. What
+    had to go out went in the sockets' linger, shorter than the wait: past
+    it, the process may exit without the context (its threads end with it).
+    """
+    # destroy, not term: a signal may have cut a cleanup short and left a
+    # socket open, and term would wait on it for ever.
+    ending = threading.Thread(target=ctx.destroy, kwargs={"linger": 0}, daemon=True,
+                              name="zpipe-context-end")
+    ending.start()
+    ending.join(CONTEXT_END_WAIT)
+    return not ending.is_alive()
+
+
+def _data_threads(ctx: zmq.Context) -> int:
+    """How many I/O threads of ``ctx`` carry data (0: one thread carries everything)."""
+    threads = ctx.get(zmq.IO_THREADS)
+    return threads - 1 if threads > 1 else 0
+
+
+def _on_data_threads(sock: zmq.Socket, connection: int | None = None) -> None:
+    """Put the socket's next connection on a data I/O thread: the one to downstream
+    replica ``connection`` on each in turn; those it accepts (None) on the least loaded."""
+    data = _data_threads(sock.context)
+    if data:
+        sock.setsockopt(zmq.AFFINITY, ((1 << data) - 1) << 1 if connection is None else
+                        1 << (1 + connection % data))
 
 
 def _socket(ctx: zmq.Context, kind: int, hwm: int | None = None) -> zmq.Socket:
@@ -68,6 +120,7 @@ def pull(ctx: zmq.Context, address: str, hwm: int, curve: Curve | None = None,
         sock.setsockopt(zmq.MAXMSGSIZE, max_size)
     if curve is not None:
         curve.server(ctx, sock)
+    _on_data_threads(sock)
     try:
         sock.bind(address)
     except zmq.ZMQError as exc:
@@ -110,6 +163,7 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
         for replica, address in enumerate(addresses):
             if balanced:
                 sock.setsockopt(zmq.CONNECT_ROUTING_ID, peer_id(replica))
+            _on_data_threads(sock, replica)
             sock.connect(address)
         while len(connected) < expected:
             if monitor.poll(100):
@@ -134,6 +188,8 @@ def push(ctx: zmq.Context, addresses: tuple[str, ...], hwm: int,
 def dealer(ctx: zmq.Context, address: str, identity: str,
            curve: Curve | None = None) -> zmq.Socket:
     sock = _socket(ctx, zmq.DEALER)
+    if _data_threads(ctx):
+        sock.setsockopt(zmq.AFFINITY, 1 << CONTROL_IO_THREAD)
     if curve is not None:
         curve.client(sock)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
