@@ -15,7 +15,7 @@ import time
 import msgpack
 import zmq
 
-VERSION = 6
+VERSION = 7
 FIRST_CREDITS = 2
 
 
@@ -71,13 +71,14 @@ def main() -> None:
     monitor.close()
 
     def take_answers(timeout_ms=0):
-        """Credits (an integer) and acknowledgements (a list of seqs) from downstream."""
+        """Credits (an integer) and acknowledgements (a list of seqs) from downstream,
+        or a credit with acknowledgements (a third frame)."""
         while outbox.poll(timeout_ms):
-            peer, answer = outbox.recv_multipart()
-            value = msgpack.unpackb(answer)
-            if isinstance(value, int):
-                credits[peer] += value
-            else:
+            peer, *answers = outbox.recv_multipart()
+            for value in map(msgpack.unpackb, answers):
+                if isinstance(value, int):
+                    credits[peer] += value
+                    continue
                 for mine in value:  # my message is finished downstream: so is its input
                     sender, theirs = waiting.pop(mine)
                     inbox.send_multipart([sender, msgpack.packb([theirs])])

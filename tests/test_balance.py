@@ -11,7 +11,7 @@ import zmq
 from conftest import wait_until
 from test_launcher import toml
 
-from zpipe.replica import balance
+from zpipe.replica import balance, delivery
 from zpipe.replica.control import Control
 from zpipe.replica.delivery import Lots
 from zpipe.replica.inbox import Inbox
@@ -107,6 +107,60 @@ def test_credits_that_are_not_credits_are_ignored():
         first.sock.send_multipart([sender, msgpack.packb(1)])  # and then a real one
         dispatcher._take_messages()
         assert dispatcher.credits == [3, 2]
+    finally:
+        ctx.destroy(linger=0)
+
+
+class MessageSocket:
+    """Records what is sent as whole messages (the frames up to one without SNDMORE)."""
+
+    def __init__(self) -> None:
+        self.messages: list[list[bytes]] = []
+        self.part: list[bytes] = []
+
+    def send(self, data: bytes, flags: int = 0) -> None:
+        self.part.append(data)
+        if not flags & zmq.SNDMORE:
+            self.messages.append(self.part)
+            self.part = []
+
+
+def test_a_credit_carries_the_acknowledgements_waiting_for_its_sender(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(balance, "_monotonic", lambda: clock[0])
+    monkeypatch.setattr(delivery, "_monotonic", lambda: clock[0])
+    acks: list = []
+    lots = Lots(lambda frames: acks.append(msgpack.unpackb(frames[1])), delay=0.005, hwm=100)
+    sock = MessageSocket()
+    lender = balance.Lender(sock, hwm=100, lots=lots)  # type: ignore[arg-type]
+    for seq in range(3):
+        lots.arrived(b"up", seq, 1)
+        lender.took(b"up", clock[0])  # slow messages: a credit for each one taken
+        lots.take()
+        clock[0] += 0.001
+        lots.finish()  # the first after a pause goes at once; the next waits for company
+    assert acks == [[0]]
+    packed = [[msgpack.unpackb(frame) for frame in message[1:]] for message in sock.messages]
+    # The second's acknowledgement went with the credit for the third, not alone.
+    assert packed == [[1], [1], [1, [1]]], packed
+    assert lots.waiting() and lots.unsent == {b"up": [2]}
+    lots.flush()
+    assert acks == [[0], [2]] and not lots.waiting()
+
+
+def test_a_sender_takes_acknowledgements_that_come_with_a_credit():
+    ctx = zmq.Context()
+    try:
+        dispatcher, (first, _) = _replicas(ctx, 2)
+        assert dispatcher.send(codec.encode(["a"]), 1)
+        first._fill(block=True)
+        dispatcher._take_messages()
+        assert dispatcher.credits == [2, 2] and dispatcher.outstanding.held == [1, 0]
+        sender = next(iter(first.lender.left))
+        first.sock.send_multipart([sender, msgpack.packb(1), msgpack.packb([0])])
+        dispatcher._take_messages()
+        assert dispatcher.credits == [3, 2] and not dispatcher.outstanding
+        assert dispatcher.outstanding.held == [0, 0]
     finally:
         ctx.destroy(linger=0)
 

@@ -31,7 +31,7 @@ import msgpack
 import zmq
 
 from ..wire.transport import NOBLOCK, POLLIN, SNDMORE, peer_id, send_frame
-from .delivery import Outstanding, lease_frame
+from .delivery import Lots, Outstanding, lease_frame
 
 FIRST_CREDITS = 2
 MIN_WINDOW = 1      # always one message waiting: the next starts without a round trip
@@ -201,12 +201,18 @@ class Dispatcher:
         while zmq.zmq_poll(self.credit_waiting, 0):
             frames = sock.recv_multipart(NOBLOCK)
             replica = self.index.get(frames[0])
-            if replica is None or len(frames) != 2:
+            if replica is None or not 2 <= len(frames) <= 3:
                 continue
             try:
-                value = msgpack.unpackb(frames[1])
+                values = [msgpack.unpackb(frame) for frame in frames[1:]]
             except Exception:  # noqa: BLE001 - not a credit, whatever it is
                 continue
+            value = values[0]
+            if len(values) == 2:
+                # A credit with the acknowledgements that waited for it (Lender.took).
+                if type(value) is not int or type(values[1]) is not list:
+                    continue
+                self.outstanding.acknowledged(values[1])
             if type(value) is int:
                 if 0 < value <= MAX_CREDIT:
                     self.credits[replica] += value
@@ -217,8 +223,12 @@ class Dispatcher:
 class Lender:
     """A downstream replica's side: gives credits back to the senders of the messages it takes."""
 
-    def __init__(self, sock: zmq.Socket, hwm: int, balancing: bool = True):
+    def __init__(self, sock: zmq.Socket, hwm: int, balancing: bool = True,
+                 lots: Lots | None = None):
         self.sock = sock
+        # The replica's acknowledgements (delivery.py): those waiting for a sender
+        # go with its credit, in the same message, rather than in one of their own.
+        self.lots = lots
         # More credits than the HWM would only make senders wait on a full queue.
         self.max_window = max(MIN_WINDOW, min(MAX_WINDOW, hwm))
         self.window = FIRST_CREDITS
@@ -249,7 +259,13 @@ class Lender:
         if left <= self.window // 2:
             grant = self.window - left
             if grant > 0:
-                self.sock.send(sender, SNDMORE)
-                self.sock.send(msgpack.packb(grant))
+                acks = self.lots.take_unsent(sender) if self.lots is not None else None
+                sock = self.sock
+                sock.send(sender, SNDMORE)
+                if acks is None:
+                    sock.send(msgpack.packb(grant))
+                else:
+                    sock.send(msgpack.packb(grant), SNDMORE)
+                    sock.send(acks)
                 left += grant
         self.left[sender] = left

@@ -20,7 +20,9 @@ PipelineSpec.leased) to the sink. On such a link:
   cut short for them). Each message between processes wakes a thread at
   both ends, about 20 µs of CPU each here: a sink taking a thousand
   one-item messages a second sent as many acknowledgements, which woke
-  the senders as often.
+  the senders as often. A credit to a sender (balance.Lender) takes those
+  waiting for it along: a replica of a slow stage, which gives a credit
+  for each message it takes, sends no message for its acknowledgements.
 - When a replica is lost, the supervisor says LOST: its senders move what it
   had not acknowledged to the front of what they send (to a sibling, or to
   its restarted self once that has said it is back: REJOINED), count those
@@ -31,7 +33,7 @@ PipelineSpec.leased) to the sink. On such a link:
 The first frame of a data message on a leased link, after the routing id,
 is the lease: msgpack ``[seq, generation]``. An acknowledgement, from
 receiver to sender, is msgpack ``[seq, ...]``; a credit (balance.py) is a
-bare integer.
+bare integer, and may be followed by an acknowledgement in the same message.
 """
 
 from __future__ import annotations
@@ -302,6 +304,17 @@ class Lots:
             self.last_sent = _monotonic()
             for sender, seqs in unsent.items():
                 self.send([sender, msgpack.packb(seqs)])
+
+    def take_unsent(self, sender: bytes) -> bytes | None:
+        """The acknowledgements waiting for ``sender``, packed, to go with a credit to
+        it (balance.Lender.took), taken from those waiting; None if there are none."""
+        seqs = self.unsent.pop(sender, None)
+        if seqs is None:
+            return None
+        if not self.unsent:
+            self.due = 0.0
+        self.last_sent = _monotonic()
+        return msgpack.packb(seqs)
 
     def waiting(self) -> bool:
         """Whether some lot is not acknowledged yet."""

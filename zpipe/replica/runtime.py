@@ -245,8 +245,8 @@ class Replica:
                     lots = Lots(functools.partial(pull.send_multipart, flags=transport.NOBLOCK),
                                 ACK_DELAY, wiring.input_hwm)
                 self.inbox = Inbox(pull, control, self.stage, wiring.input_hwm,
-                                   balance.Lender(pull, wiring.input_hwm, self.body.replicas > 1)
-                                   if leased else None,
+                                   balance.Lender(pull, wiring.input_hwm, self.body.replicas > 1,
+                                                  lots) if leased else None,
                                    lots)
                 self.inbox.generation = control.generation
                 self.inbox.times = self.times

@@ -57,7 +57,7 @@ from zmq import COPY_THRESHOLD
 from ..errors import EncodeError
 from . import shm
 
-PROTOCOL_VERSION = 6  # docs/protocol.md, Versioning
+PROTOCOL_VERSION = 7  # docs/protocol.md, Versioning
 EXT_ARRAY = 1    # [frame_index, dtype, shape]: an array in its own frame
 EXT_SCALAR = 2   # [dtype, bytes]: a numpy scalar
 EXT_BYTES = 3    # [frame_index]: a top-level bytes item in its own frame
