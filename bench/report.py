@@ -76,8 +76,15 @@ def versus(scenario: str, zpipe: float, reference: float, fmt, label: str,
     for key, value in (("zpipe_runs", zpipe), ("reference_runs", reference)):
         if isinstance(value, Best):
             data[key] = value.runs
-    return Row(scenario, fmt(zpipe), f"{fmt(reference)} {label}", f"{ratio:.2f}x",
-               f"{op} {limit:g}x" if op else "info", _verdict(ratio, op, limit), data)
+    verdict = _verdict(ratio, op, limit)
+    return Row(scenario, fmt(zpipe), f"{fmt(reference)} {label}", ratio_text(ratio, verdict, limit),
+               f"{op} {limit:g}x" if op else "info", verdict, data)
+
+
+def ratio_text(ratio: float, verdict: str, limit: float | None) -> str:
+    """"1.23x"; with a third decimal where two would show a failing ratio as its target."""
+    text = f"{ratio:.2f}x"
+    return f"{ratio:.3f}x" if verdict == "FAIL" and text == f"{limit:.2f}x" else text
 
 
 def bounded(scenario: str, zpipe: float, fmt, op: str, limit: float) -> Row:
