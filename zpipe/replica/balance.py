@@ -204,15 +204,15 @@ class Dispatcher:
             if replica is None or not 2 <= len(frames) <= 3:
                 continue
             try:
-                values = [msgpack.unpackb(frame) for frame in frames[1:]]
+                value = msgpack.unpackb(frames[1])
+                acks = msgpack.unpackb(frames[2]) if len(frames) == 3 else None
             except Exception:  # noqa: BLE001 - not a credit, whatever it is
                 continue
-            value = values[0]
-            if len(values) == 2:
+            if len(frames) == 3:
                 # A credit with the acknowledgements that waited for it (Lender.took).
-                if type(value) is not int or type(values[1]) is not list:
+                if type(value) is not int or type(acks) is not list:
                     continue
-                self.outstanding.acknowledged(values[1])
+                self.outstanding.acknowledged(acks)
             if type(value) is int:
                 if 0 < value <= MAX_CREDIT:
                     self.credits[replica] += value
