@@ -419,15 +419,19 @@ def _batched_chain(n: dict, stages: int, floors: list[dict]) -> list[Row]:
     zpipe_cpu: list[float] = []
     floor_runs: list[float] = []
     launcher: list[float | None] = []
+    raw_roles: list[dict[str, float]] = []
+    zpipe_roles: list[dict[str, float]] = []
 
     def raw_run() -> float:
         result = raw.chain("batched", count, relays=relays, gated=True)
         raw_cpu.append(result["cpu_s"] / (count * hops) * 1e6)
+        raw_roles.append(_by_role(result["cpu_nodes_s"], count))
         return result["rate"]
 
     def zpipe_run() -> float:
         result = scenarios.chain_cpu(count, relays)
         zpipe_cpu.append(result["cpu_s"] / (count * hops) * 1e6)
+        zpipe_roles.append(_by_role(result["cpu_stages_s"], count))
         launcher.append(result["launcher_cpu_s"])
         return result["rate"]
 
@@ -454,7 +458,41 @@ def _batched_chain(n: dict, stages: int, floors: list[dict]) -> list[Row]:
             Row("same, medians of the runs", micros2(zpipe_median),
                 f"{micros2(floor_median)} (floor)", f"{zpipe_median / floor_median:.2f}x",
                 data={"zpipe": zpipe_median, "floor": floor_median}),
-            raw_row]
+            raw_row,
+            _roles_row(stages, zpipe_roles, raw_roles)]
+
+
+ROLES = ("source", "relay", "sink")
+
+
+def _by_role(cpu_s: dict[str, float], count: int) -> dict[str, float]:
+    """µs of CPU per item of a chain's source, its relays (the mean of one relay's)
+    and its sink, from CPU seconds per process named after its stage (zpipe:
+    "relay3"; raw: "3-relay")."""
+    by_role: dict[str, list[float]] = {role: [] for role in ROLES}
+    for name, used in cpu_s.items():
+        role = next(role for role in ROLES if role in name)
+        by_role[role].append(used / count * 1e6)
+    return {role: statistics.mean(values) for role, values in by_role.items()}
+
+
+def _roles_row(stages: int, zpipe: list[dict[str, float]],
+               reference: list[dict[str, float]]) -> Row:
+    """Where a chain's CPU goes, zpipe's against the batched raw chain's (medians of the
+    runs): what tells a relay's cost from the ends'."""
+    def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+        return {role: statistics.median(run[role] for run in runs) for role in ROLES}
+
+    ours, theirs = medians(zpipe), medians(reference)
+
+    def cells(roles: dict[str, float]) -> str:
+        return " / ".join(f"{roles[role]:.2f}" for role in ROLES) + " µs"
+
+    return Row(f"CPU per item, source / one relay / sink, {stages} stages (medians)",
+               cells(ours), f"{cells(theirs)} (batched raw)",
+               f"relay {ours['relay'] / theirs['relay']:.2f}x",
+               data={"zpipe": ours, "reference": theirs,
+                     "zpipe_runs": zpipe, "reference_runs": reference})
 
 
 def bytes_items(n: dict) -> list[Row]:
