@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 
-from . import floor, peers, pool, raw, rawstart, raypeer, scenarios
+from . import bytecodes, floor, peers, pool, raw, rawstart, raypeer, scenarios
 from .report import (
     Best,
     Row,
@@ -183,7 +183,16 @@ def latency(n: dict) -> list[Row]:
     return [versus("latency p50 vs raw one-way chain (3 stages)", zpipe, chain, micros,
                    "(raw pyzmq, source -> relay -> sink)", "<=", 1.2),
             versus("latency p50 vs raw round trip", zpipe, round_trip, micros,
-                   "(raw pyzmq, one relay and back)", "<=", 1.5)]
+                   "(raw pyzmq, one relay and back)", "<=", 1.5),
+            _bytecodes_row()]
+
+
+def _bytecodes_row() -> Row:
+    """What the latency row's gap is made of, counted (bench/bytecodes.py)."""
+    ours, theirs = bytecodes.per_message("zpipe"), bytecodes.per_message("raw")
+    return Row("Python bytecodes per message, a relay at a low rate", f"{ours:,.0f}",
+               f"{theirs:,.0f} (raw pyzmq relay)", f"{ours / theirs:.1f}x",
+               data={"zpipe": ours, "reference": theirs, "ratio": ours / theirs})
 
 
 def startup(n: dict) -> list[Row]:
