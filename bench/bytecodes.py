@@ -113,8 +113,13 @@ def _relay(kind: str, count: int, tmp: str) -> float:
                 _send(push, "latency", relay(item))
     except _Done:
         pass
-    total = counter.stop()
-    feeder.wait(30)
+    finally:
+        total = counter.stop()
+        try:
+            feeder.wait(30)
+        finally:
+            if feeder.poll() is None:
+                feeder.kill()
     return total / (count - 1)
 
 
