@@ -91,3 +91,29 @@ def test_push_waits_for_every_peer_and_has_a_way_out(ctx, tmp_path):
     finally:
         for sock in pulls:
             sock.close()
+
+
+def test_messages_of_several_frames_go_and_come_whole(ctx):
+    """send_frames, recv_rest and recv_message: the backend's calls under pyzmq's
+    multipart ones (leased links, arrays): every frame, in order, large ones
+    unchanged without a copy, small ones copied; nothing waiting raises Again."""
+    sender, receiver = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    receiver.bind("inproc://frames")
+    sender.connect("inproc://frames")
+    large = bytearray(b"y" * (zmq.COPY_THRESHOLD * 2))
+    try:
+        with pytest.raises(zmq.Again):
+            transport.recv_message(receiver, transport.NOBLOCK)
+        transport.send_frames(sender, [b"id", b"lease", bytes(large)], transport.NOBLOCK)
+        transport.send_frames(sender, [b"alone"])
+        transport.send_frames(sender, [b"a", memoryview(large), b"z"])
+        head = receiver.recv(copy=False)
+        frames = transport.recv_rest(receiver, head)
+        assert [f.bytes for f in frames] == [b"id", b"lease", bytes(large)]
+        assert transport.recv_message(receiver) == [b"alone"]
+        assert transport.recv_message(receiver) == [b"a", bytes(large), b"z"]
+        with pytest.raises(zmq.Again):  # the next message's frames were not taken early
+            transport.recv_message(receiver, transport.NOBLOCK)
+    finally:
+        sender.close(0)
+        receiver.close(0)

@@ -30,7 +30,15 @@ from typing import Any
 import msgpack
 import zmq
 
-from ..wire.transport import NOBLOCK, POLLIN, SNDMORE, peer_id, send_frame
+from ..wire.transport import (
+    NOBLOCK,
+    POLLIN,
+    SNDMORE,
+    peer_id,
+    recv_message,
+    send_frame,
+    send_frames,
+)
 from .delivery import Lots, Outstanding, lease_frame
 
 FIRST_CREDITS = 2
@@ -182,7 +190,7 @@ class Dispatcher:
         if len(frames) == 1:
             send_frame(sock, frames[0], NOBLOCK)
         else:
-            sock.send_multipart(frames, NOBLOCK, copy=False)
+            send_frames(sock, frames, NOBLOCK)
         return SENT
 
     def _choose(self) -> int | None:
@@ -199,7 +207,7 @@ class Dispatcher:
         """Count every credit and acknowledgement that has come back (without waiting)."""
         sock = self.sock
         while zmq.zmq_poll(self.credit_waiting, 0):
-            frames = sock.recv_multipart(NOBLOCK)
+            frames = recv_message(sock, NOBLOCK)
             replica = self.index.get(frames[0])
             if replica is None or not 2 <= len(frames) <= 3:
                 continue

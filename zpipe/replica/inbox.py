@@ -16,7 +16,7 @@ import zmq
 
 from ..watch.observe import Times
 from ..wire import codec, protocol, shm
-from ..wire.transport import NOBLOCK, POLLIN
+from ..wire.transport import NOBLOCK, POLLIN, recv_rest
 from .balance import Lender
 from .control import Control
 from .delivery import Lot, Lots, Poisoned, read_lease
@@ -506,7 +506,7 @@ class Inbox(Inputs):
                     continue
                 # Only arrays make more frames; a one-frame message skips the
                 # multipart machinery (the common, small case).
-                frames = [head, *sock.recv_multipart(copy=False)] if head.more else [head]
+                frames = recv_rest(sock, head) if head.more else [head]
                 if lender is not None:
                     # On a ROUTER the sender's id comes first, then the lease.
                     frames = self._leased(frames, wanted_at)

@@ -18,7 +18,7 @@ import zmq
 from ..errors import EncodeError
 from ..watch.observe import Times
 from ..wire import codec, shm
-from ..wire.transport import NOBLOCK, send_frame
+from ..wire.transport import NOBLOCK, send_frame, send_frames
 from .balance import Dispatcher
 from .control import Control, SourceStopped
 from .inbox import IDLE_POLL_MS, Inbox
@@ -532,7 +532,7 @@ def _send(sock: zmq.Socket, frames: list[Any], count: int = 0) -> bool:
         if len(frames) == 1:
             send_frame(sock, frames[0], NOBLOCK)
         else:
-            sock.send_multipart(frames, NOBLOCK, copy=False)
+            send_frames(sock, frames, NOBLOCK)
     except zmq.Again:
         return False
     return True

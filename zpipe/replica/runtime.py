@@ -242,7 +242,8 @@ class Replica:
                                       wiring.input_max_size, leased)
                 sockets.append(pull)
                 if leased:
-                    lots = Lots(functools.partial(pull.send_multipart, flags=transport.NOBLOCK),
+                    lots = Lots(functools.partial(transport.send_frames, pull,
+                                                  flags=transport.NOBLOCK),
                                 ACK_DELAY, wiring.input_hwm)
                 self.inbox = Inbox(pull, control, self.stage, wiring.input_hwm,
                                    balance.Lender(pull, wiring.input_hwm, self.body.replicas > 1,
