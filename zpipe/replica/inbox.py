@@ -504,9 +504,9 @@ class Inbox(Inputs):
                 except zmq.Again:
                     ready = False
                     continue
-                # Only arrays make more frames; a one-frame message skips the
-                # multipart machinery (the common, small case).
-                frames = recv_rest(sock, head) if head.more else [head]
+                # More frames: arrays, and on a leased link the sender's id
+                # and the lease before the data.
+                frames = recv_rest(sock, head)
                 if lender is not None:
                     # On a ROUTER the sender's id comes first, then the lease.
                     frames = self._leased(frames, wanted_at)

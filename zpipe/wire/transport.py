@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import zmq
 
@@ -38,10 +38,10 @@ _recv_frame = zmq.backend.Socket.recv
 # pyzmq's send_multipart and recv_multipart cost about 5 us more a message of
 # three frames than the backend's calls below: they type-check every part,
 # combine flags as enum members and ask ZMQ_RCVMORE through getsockopt, which
-# makes an enum of the option on every call (a Frame's ``more`` is cheaper still
-# than the backend's getsockopt). Every message on a leased link has
+# makes an enum of the option on every call (a Frame's ``more`` is cheaper
+# still than the backend's getsockopt). Every message on a leased link has
 # three frames (routing id, lease, data), as has every message of arrays.
-def send_frames(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
+def send_frames(sock: zmq.Socket, frames: list[Any], flags: int = 0) -> None:
     """Send ``frames`` as one message; those of COPY_THRESHOLD bytes and more
     without a copy (pyzmq copies smaller ones anyway, which is cheaper for them)."""
     more = flags | SNDMORE
@@ -50,7 +50,7 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0) -> None:
         send_frame(sock, frame, flags if i == last else more, False)
 
 
-def recv_rest(sock: zmq.Socket, head: zmq.Frame) -> list:
+def recv_rest(sock: zmq.Socket, head: zmq.Frame) -> list[Any]:
     """``head`` (received with copy=False) and the frames that follow it in its
     message, as zmq.Frame objects (the rest of a message has arrived with it)."""
     frames = [head]
