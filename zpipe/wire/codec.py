@@ -45,6 +45,7 @@ before it makes an array.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import weakref
@@ -661,25 +662,37 @@ def decode_stamped(frames: Sequence[Any], segments: shm.Attached | None = None
     every ext type, array and tag is checked where it appears.
     """
     count = len(frames)
-    if count == 1:
-        # A message without arrays (the common, small case) needs no state, nor
-        # does one on an input that takes segments until it names one (then
-        # decoded again, with _InSegments): making that state cost a lone item
-        # about 2 µs on its way to the stage.
-        ext_hook: Any = _ext_without_frames if segments is None else _ext_or_segments
-    elif count:
-        ext_hook = _Arrays(frames, segments)
-    else:
+    if not count:
         raise DecodeError("empty message")
     head = frames[0]
     try:
         head = head.bytes  # a zmq.Frame
     except AttributeError:
         pass
-    if count == 1 and len(head) >= _RUN_MIN_BYTES:
-        items = _inline_run(head)
-        if items is not None:
-            return items, None, None
+    if count == 1:
+        # A message without arrays (the common, small case) needs no state, nor
+        # does one on an input that takes segments until it names one (then
+        # decoded again, with _InSegments): making that state cost a lone item
+        # about 2 µs on its way to the stage.
+        ext_hook: Any = _ext_without_frames if segments is None else _ext_or_segments
+        if len(head) >= _RUN_MIN_BYTES:
+            items = _inline_run(head)
+            if items is not None:
+                return items, None, None
+        else:
+            # A few items, as at a low rate, where this is on every item's way to
+            # its stage on a cold cache: kept to a few steps. Those two bytes say
+            # [version, ...] and unpackb refuses bytes left over, so the header
+            # is [version, items], and only the items' list is left to check.
+            try:
+                if head[:2] == _HEAD_PLAIN:
+                    items = _unpack_head(head, ext_hook=ext_hook)[1]
+                    if type(items) is list:
+                        return items, None, None
+            except Exception:  # noqa: BLE001 - decoded again below, which says why
+                pass
+    else:
+        ext_hook = _Arrays(frames, segments)
     try:
         try:
             message = _unpacked(head, ext_hook)
@@ -697,9 +710,12 @@ def decode_stamped(frames: Sequence[Any], segments: shm.Attached | None = None
         raise DecodeError(f"not a zpipe data message: {_why(exc)}") from None
 
 
+_unpack_head = functools.partial(msgpack.unpackb, raw=False, strict_map_key=False)
+
+
 def _unpacked(head: Any, ext_hook: Any) -> Any:
     try:
-        return msgpack.unpackb(head, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        return _unpack_head(head, ext_hook=ext_hook)
     except TypeError:
         # A tuple used as a dict key arrives as an unhashable list: decode
         # again with tuples, then turn them into lists everywhere but keys
