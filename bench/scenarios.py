@@ -147,7 +147,9 @@ def small(count: int, restart: bool = False) -> dict:
 
 def small_watched(count: int) -> dict:
     """small(), with /metrics served and scraped every SCRAPE_EVERY s all along, and the
-    live view's status lines every second: what watching a run costs."""
+    live view's status lines every second: what watching a run costs. ``scrapes`` and
+    ``status_lines``: how much of it there was (a run shorter than a second has no
+    status line at all)."""
     import socket
     import threading
     import urllib.request
@@ -165,12 +167,14 @@ def small_watched(count: int) -> dict:
     scraper = threading.Thread(target=scrape, daemon=True)
     scraper.start()
     try:
-        result, _ = run_to_end("small", small_stages(count), hwm=1000, expect=count,
-                               options=("--metrics-port", str(port), "--status-interval", "1"))
+        result, child = run_to_end("small", small_stages(count), hwm=1000, expect=count,
+                                   options=("--metrics-port", str(port),
+                                            "--status-interval", "1"))
     finally:
         done.set()
         scraper.join(5)
-    return {**result, "scrapes": scrapes[0]}
+    lines = sum(1 for line in child.lines if line.startswith("zpipe: status "))
+    return {**result, "scrapes": scrapes[0], "status_lines": lines}
 
 
 SCRAPE_EVERY = 0.2
