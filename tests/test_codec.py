@@ -379,6 +379,11 @@ def test_encode_error_for_unencodable_string():
     [msgpack.packb([PROTOCOL_VERSION, "items"])],
     [msgpack.packb({"version": 1})],
     [msgpack.packb([PROTOCOL_VERSION, []]) + b"extra"],
+    # [version, ...] in its first two bytes, and still no data message
+    [msgpack.packb([PROTOCOL_VERSION, {"items": [1]}])],
+    [msgpack.packb([PROTOCOL_VERSION, None])],
+    [b"\x92" + msgpack.packb(PROTOCOL_VERSION) + b"\xc1"],
+    [msgpack.packb([PROTOCOL_VERSION, [msgpack.ExtType(codec.EXT_ARRAY, b"\x90")]])],
 ])
 def test_decode_garbage(frames):
     with pytest.raises(DecodeError):
