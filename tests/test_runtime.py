@@ -239,6 +239,113 @@ def test_each_message_is_timed_with_the_waits_of_its_own_items(monkeypatch):
         ctx.destroy(linger=0)
 
 
+class _Spells:
+    """An Inbox whose input wait after a message (the spell, Inbox._spell) is watched:
+    ``entered`` is set as a spell begins (``spells`` counts them), ``slept`` as the
+    usual wait on the descriptors begins; ``ends`` says how each spell ended (a
+    frame, or None)."""
+
+    def __init__(self, monkeypatch, spell_ms: int):
+        import threading
+        monkeypatch.setattr(inbox_module, "SPELL_MS", spell_ms)
+        monkeypatch.setattr(inbox_module, "IDLE_POLL_MS", 60_000)  # a missed wake-up hangs
+        self.entered, self.slept = threading.Event(), threading.Event()
+        self.ends: list = []
+        self.spells = 0
+        receive = inbox_module.recv_frame
+
+        def spell(sock, flags, copy):
+            self.spells += 1
+            self.entered.set()
+            try:
+                frame = receive(sock, flags, copy)
+            except zmq.Again:
+                self.ends.append(None)
+                raise
+            self.ends.append(frame)
+            return frame
+
+        monkeypatch.setattr(inbox_module, "recv_frame", spell)
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.bind("inproc://supervisor")
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, b"sink-0")
+        dealer.connect("inproc://supervisor")
+        pull, self.push = self.ctx.socket(zmq.PULL), self.ctx.socket(zmq.PUSH)
+        pull.bind("inproc://input")
+        self.push.connect("inproc://input")
+        self.inbox = Inbox(pull, Control(dealer), "sink", 10)
+        sleep, slept = self.inbox.sleep, self.slept
+
+        class Watched:
+            def poll(self, timeout):
+                slept.set()
+                return sleep.poll(timeout)
+
+        self.inbox.sleep = Watched()
+        self.got: list = []
+        self.reader = threading.Thread(target=lambda: self.got.extend(self.inbox), daemon=True)
+
+    def __enter__(self) -> _Spells:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ctx.destroy(linger=0)
+
+    def until(self, condition, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline, f"no {what} within 10 s"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """STOP, which must end the input within 5 s (a lost wake-up: 60 s)."""
+        self.router.send_multipart([b"sink-0", protocol.pack(protocol.STOP)])
+        self.reader.join(5)
+        assert not self.reader.is_alive(), "STOP did not end the input"
+
+
+def test_a_message_that_comes_during_a_spell_is_taken_from_it(monkeypatch):
+    with _Spells(monkeypatch, spell_ms=2000) as spells:  # longer than the test's own steps
+        spells.reader.start()
+        spells.push.send_multipart(codec.encode([1]))
+        assert spells.entered.wait(10), "no spell after the first message"
+        spells.slept.clear()  # (it waited on them before the first message)
+        spells.push.send_multipart(codec.encode([2, 3]))
+        spells.until(lambda: spells.inbox.received == 3, "the message sent during the spell")
+        assert spells.ends and spells.ends[0] is not None  # the spell's receive took it
+        assert spells.got[:3] == [1, 2, 3]
+        # ... and after it, the next wait begins with a spell too
+        spells.until(lambda: spells.spells == 2, "a spell after the message of the spell")
+        assert not spells.slept.is_set()  # none of it waited on the descriptors
+        spells.stop()  # (once the spell has run out)
+
+
+def test_a_command_that_comes_during_a_spell_is_handled_once_it_ends(monkeypatch):
+    # The spell looks at no command; the wait after it must: were the control
+    # socket's wake-up lost in between, STOP would wait for IDLE_POLL_MS (60 s).
+    with _Spells(monkeypatch, spell_ms=300) as spells:
+        spells.reader.start()
+        spells.push.send_multipart(codec.encode([1, 2]))
+        assert spells.entered.wait(10), "no spell after the message"
+        spells.stop()
+        assert spells.got == [1, 2] and spells.ends == [None]
+
+
+def test_an_idle_inbox_has_one_spell_then_sleeps_on_its_descriptors(monkeypatch):
+    with _Spells(monkeypatch, spell_ms=20) as spells:
+        spells.reader.start()
+        assert spells.slept.wait(10)  # no message yet: no spell, the usual wait
+        assert spells.ends == []
+        spells.slept.clear()
+        spells.push.send_multipart(codec.encode([1]))
+        assert spells.slept.wait(10), "the wait after the spell did not begin"
+        assert spells.ends == [None]  # one spell, which ran out, then the descriptors
+        spells.stop()
+        assert spells.got == [1] and spells.ends == [None]
+
+
 def test_an_idle_inbox_answers_drain_and_stop_at_once(monkeypatch):
     # A sleeping replica must wake for commands, not find them at its next
     # timeout: with the timeout at a minute, a missed wake-up fails here.

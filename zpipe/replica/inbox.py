@@ -16,7 +16,7 @@ import zmq
 
 from ..watch.observe import Times
 from ..wire import codec, protocol, shm
-from ..wire.transport import NOBLOCK, POLLIN, recv_rest
+from ..wire.transport import NOBLOCK, POLLIN, recv_frame, recv_rest
 from .balance import Lender
 from .control import Control
 from .delivery import Lot, Lots, Poisoned, read_lease
@@ -25,6 +25,9 @@ from .shapes import Inputs
 log = logging.getLogger("zpipe")
 
 IDLE_POLL_MS = 1000
+# A wait for input that begins after a message first waits this long inside
+# ZeroMQ's own blocking receive (see Inbox._spell), commands unlooked at.
+SPELL_MS = 5
 MALFORMED_REPORTED = 5   # malformed messages logged one by one,
 MALFORMED_EVERY = 1000   # then one line per this many
 _monotonic = time.monotonic
@@ -88,6 +91,9 @@ class Inbox(Inputs):
         self.input_only = [(sock, POLLIN)]
         # An idle replica sleeps in poll(2) on the sockets' ZMQ_FDs (see _idle).
         self.input_fd = sock.getsockopt(zmq.FD)
+        sock.setsockopt(zmq.RCVTIMEO, SPELL_MS)  # only _spell receives blocking
+        self.spell_due = False  # a message came since the last spell
+        self.spelled: Any = None  # ... and the spell received one, for _receive
         self.sleep = select.poll()
         self.sleep.register(self.input_fd, select.POLLIN)
         self.sleep.register(control.sock.getsockopt(zmq.FD), select.POLLIN)
@@ -498,12 +504,17 @@ class Inbox(Inputs):
             # Asking first is cheaper than a receive that fails (pyzmq raises
             # Again), and on an idle link that failure would sit between a
             # replica's send and its next wait.
-            if ready or zmq.zmq_poll(self.input_only, 0):
-                try:
-                    head = sock.recv(NOBLOCK, copy=False)
-                except zmq.Again:
-                    ready = False
-                    continue
+            spelled = self.spelled
+            if spelled is not None or ready or zmq.zmq_poll(self.input_only, 0):
+                if spelled is not None:
+                    head, self.spelled = spelled, None
+                else:
+                    try:
+                        head = sock.recv(NOBLOCK, copy=False)
+                    except zmq.Again:
+                        ready = False
+                        continue
+                self.spell_due = True
                 # More frames: arrays, and on a leased link the sender's id
                 # and the lease before the data.
                 frames = recv_rest(sock, head)
@@ -594,6 +605,8 @@ class Inbox(Inputs):
         # at the input before sleeping on it.
         if sent_on_input and zmq.zmq_poll(self.input_only, 0):
             return True
+        if self.spell_due and self._spell(deadline):
+            return True
         ready = False
         asleep = _monotonic()
         timeout = IDLE_POLL_MS if deadline is None else \
@@ -615,6 +628,33 @@ class Inbox(Inputs):
             else:
                 control.handle()
         return ready
+
+    def _spell(self, deadline: float | None) -> bool:
+        """The first part of a wait that begins after a message, on a plain input with
+        nothing else to wake for: up to SPELL_MS in ZeroMQ's blocking receive; True
+        if a message came (``spelled``, taken by _receive), else the wait goes on
+        as usual, commands that came meanwhile first.
+
+        At a low rate the next message often comes within it, and handed over
+        from inside ZeroMQ's own wait, each receiving hop takes about 15 µs less
+        than from the wake-up of poll(2) on the ZMQ_FDs and the receive after
+        it (paired runs of a sink at one item every 2 ms: median 14 and 20 µs
+        over 8 and 10 pairs). A command waits at most SPELL_MS for it, and a
+        replica that stays idle has one spell, then sleeps on the descriptors.
+        """
+        self.spell_due = False
+        if deadline is not None or self.lots is not None or self.lender is not None or \
+                self.woken_fd >= 0 or self.wakes:
+            return False
+        asleep = _monotonic()
+        try:
+            self.spelled = recv_frame(self.sock, 0, False)
+        except zmq.Again:
+            pass
+        if not self.holding:
+            self.times.idle += _monotonic() - asleep
+        # Came just after the receive gave up: the ZMQ_FD would not say so.
+        return self.spelled is not None or bool(zmq.zmq_poll(self.input_only, 0))
 
     def wake_for(self, fd: int, on_wake: Callable[[], None]) -> None:
         """Also wake an idle wait for ``fd`` (a ZMQ_FD), running ``on_wake``."""

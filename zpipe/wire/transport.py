@@ -32,7 +32,7 @@ SNDMORE = int(zmq.SNDMORE)
 # The backend's send, under pyzmq's Python-level Socket.send (which only adds
 # the routing_id and group arguments of draft sockets): one call less per message.
 send_frame = zmq.backend.Socket.send
-_recv_frame = zmq.backend.Socket.recv
+recv_frame = zmq.backend.Socket.recv
 
 
 # pyzmq's send_multipart and recv_multipart cost about 5 us more a message of
@@ -55,14 +55,14 @@ def recv_rest(sock: zmq.Socket, head: zmq.Frame) -> list[Any]:
     message, as zmq.Frame objects (the rest of a message has arrived with it)."""
     frames = [head]
     while head.more:
-        head = _recv_frame(sock, 0, False)
+        head = recv_frame(sock, 0, False)
         frames.append(head)
     return frames
 
 
 def recv_message(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
     """Every frame of the next message, as bytes (zmq.Again, with NOBLOCK, if none waits)."""
-    return [frame.bytes for frame in recv_rest(sock, _recv_frame(sock, flags, False))]
+    return [frame.bytes for frame in recv_rest(sock, recv_frame(sock, flags, False))]
 
 
 # A replica's I/O threads (replica_context): the first carries its control channel
