@@ -639,12 +639,13 @@ class Inbox(Inputs):
         from inside ZeroMQ's own wait, each receiving hop takes about 15 µs less
         than from the wake-up of poll(2) on the ZMQ_FDs and the receive after
         it (paired runs of a sink at one item every 2 ms: median 14 and 20 µs
-        over 8 and 10 pairs). A command waits at most SPELL_MS for it, and a
+        over 8 and 10 pairs; the bench's 3-stage latency, two receiving hops:
+        -17 µs over 10 pairs). A command waits at most SPELL_MS for it, and a
         replica that stays idle has one spell, then sleeps on the descriptors.
         """
         self.spell_due = False
         if deadline is not None or self.lots is not None or self.lender is not None or \
-                self.woken_fd >= 0 or self.wakes:
+                self.woken_fd >= 0 or self.wakes or self.interrupt is not None:
             return False
         asleep = _monotonic()
         try:
