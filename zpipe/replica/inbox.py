@@ -516,8 +516,9 @@ class Inbox(Inputs):
                         continue
                 self.spell_due = True
                 # More frames: arrays, and on a leased link the sender's id
-                # and the lease before the data.
-                frames = recv_rest(sock, head)
+                # and the lease before the data (one frame: no call, on the way
+                # of every lone item).
+                frames = recv_rest(sock, head) if head.more else [head]
                 if lender is not None:
                     # On a ROUTER the sender's id comes first, then the lease.
                     frames = self._leased(frames, wanted_at)
