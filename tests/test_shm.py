@@ -93,6 +93,9 @@ def test_a_tuple_key_decodes_twice_with_the_same_segment(folder):
     array = np.ones(MIB, dtype=np.uint8)
     item = codec.decode(send(segments, {(1, 2): array}), attached)[0]
     assert list(item) == [(1, 2)] and np.array_equal(item[(1, 2)], array)
+    # The tuple key first, the segment after it: found in the second decode.
+    keyed, got = codec.decode(send(segments, {(1, 2): "x"}, array), attached)
+    assert keyed == {(1, 2): "x"} and np.array_equal(got, array)
 
 
 def test_no_room_sends_frames_and_a_failed_item_gives_its_segment_back(folder, monkeypatch):
