@@ -229,3 +229,33 @@ def test_a_sources_output_after_a_pause_carries_the_stamp_due(link):
     finally:
         outbox.close()
     assert stamped == [(0, False), (1, True), (2, False)]
+
+
+@pytest.mark.parametrize("before", [0, 3])
+def test_a_run_is_measured_by_its_own_outputs(link, before):
+    # run_ended() gives the mean size of the run's outputs alone, whatever the
+    # batch held before it (``before`` outputs of another size), and whether one
+    # may be a frame's worth; every output still leaves once, in order.
+    push, pull, control = link
+    outbox = Outbox(push, control, source=False)
+    try:
+        batch = outbox.batch
+        for i in range(before):
+            outbox.send("w" * 40)
+        outbox.run_begins()
+        outputs = ["a" * 10, "b" * 20, "c" * 30]
+        batch.encoded.extend(map(batch.packer.pack, outputs))
+        mean, large = outbox.run_ended(len(outputs), time.monotonic())
+        sizes = [len(codec.encode([o])[0]) - len(codec.HEAD_ONE) for o in outputs]
+        assert sizes == [11, 21, 31]  # msgpack's fixstr: a byte, then the characters
+        assert (mean, large) == (-(-sum(sizes) // 3), False)
+        outbox.run_begins()
+        huge = "h" * codec.FRAME_MIN
+        batch.encoded.extend(map(batch.packer.pack, [huge, "e"]))
+        mean, large = outbox.run_ended(2, time.monotonic())
+        assert large and mean == -(-(len(batch.packer.pack(huge)) + 2) // 2)
+        outbox.flush()
+        got = [item for message in receive(pull, before + 5) for item in message]
+    finally:
+        outbox.close()
+    assert got == ["w" * 40] * before + outputs + [huge, "e"]
