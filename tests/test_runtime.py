@@ -190,23 +190,49 @@ def test_the_flusher_keeps_a_batch_while_downstream_is_full(link):
         outbox.close()
 
 
-def test_inbox_iteration_and_next_share_one_input():
-    # A stream function may take items both ways: `for a in items: b = next(items)`.
+@pytest.fixture
+def fed_inbox():
+    """An Inbox over inproc, given its messages (lists of items) by the test before
+    it takes any: its input ends once they are all taken."""
     ctx = zmq.Context()
-    try:
+
+    def fed(*messages: list) -> Inbox:
         pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-        pull.bind("inproc://pairs")
-        push.connect("inproc://pairs")
+        pull.bind("inproc://fed")
+        push.connect("inproc://fed")
         control = ctx.socket(zmq.DEALER)
         control.connect("inproc://nobody")
-        for i in range(0, 6, 2):
-            push.send_multipart(codec.encode([i, i + 1]))
-        inbox = Inbox(pull, Control(control), "pairs", 10)
+        for items in messages:
+            push.send_multipart(codec.encode(items))
+        inbox = Inbox(pull, Control(control), "fed", 10)
         inbox.control.stopped = True  # the input ends once it is empty
-        assert [[a, next(inbox)] for a in inbox] == [[0, 1], [2, 3], [4, 5]]
-        assert inbox.received == 6 and list(inbox) == []
-    finally:
-        ctx.destroy(linger=0)
+        return inbox
+
+    yield fed
+    ctx.destroy(linger=0)
+
+
+def test_inbox_iteration_and_next_share_one_input(fed_inbox):
+    # A stream function may take items both ways: `for a in items: b = next(items)`.
+    inbox = fed_inbox(*([i, i + 1] for i in range(0, 6, 2)))
+    assert [[a, next(inbox)] for a in inbox] == [[0, 1], [2, 3], [4, 5]]
+    assert inbox.received == 6 and list(inbox) == []
+
+
+def test_an_inbox_counts_and_names_what_its_stage_holds_in_a_message(fed_inbox):
+    # Items are given a message's list at a time: those not given yet are still
+    # buffered, the one in the stage's hands is unfinished, a failure names it,
+    # and the rest come in order after a stage stopped midway.
+    inbox = fed_inbox([0, 1, "two", 3.0, 4], [5, 6])
+    assert (inbox.unfinished(), inbox.queued(), inbox.last_item) == (0, 0, None)
+    taken = [next(inbox) for _ in range(3)]
+    assert taken == [0, 1, "two"] and inbox.last_item == "two"
+    assert (inbox.queued(), inbox.unfinished(), inbox.unfinished(True)) == (2, 3, 2)
+    assert next(inbox) == 3.0 and type(inbox.last_item) is float
+    assert list(inbox) == [4, 5, 6] and inbox.last_item == 6
+    assert (inbox.queued(), inbox.unfinished(), inbox.received) == (0, 0, 7)
+    inbox.last_item = "set"  # by another way of taking items (batching.py)
+    assert inbox.last_item == "set"
 
 
 def test_each_message_is_timed_with_the_waits_of_its_own_items(monkeypatch):

@@ -192,7 +192,7 @@ class Replica:
         times, inbox = self.times, self.inbox
         now = _monotonic()
         return {"busy": times.busy(now), "blocked": times.blocked, "idle": times.idle,
-                "queue": len(inbox.buffer) if inbox is not None else 0,
+                "queue": inbox.queued() if inbox is not None else 0,
                 "rss": _rss(), "cpu": time.process_time(),
                 "items": times.items.wire(),
                 "end_to_end": times.end_to_end.wire() if times.end_to_end else None,
