@@ -235,6 +235,23 @@ def test_an_inbox_counts_and_names_what_its_stage_holds_in_a_message(fed_inbox):
     assert inbox.last_item == "set"
 
 
+def test_an_inbox_lets_go_of_a_message_once_its_items_are_taken(fed_inbox):
+    # Its list of items goes as the stage asks for the next item past it, not
+    # once a next message has come: an item the stage dropped is freed, but for
+    # the last one given, which a failure names.
+    import weakref
+
+    import numpy as np
+    inbox = fed_inbox([np.zeros(4), np.ones(4), np.full(4, 2.0)])
+    taken = [next(inbox) for _ in range(3)]
+    refs = [weakref.ref(item) for item in taken]
+    del taken
+    assert [ref() is None for ref in refs] == [False, False, False]  # the message's list
+    assert list(inbox) == []  # asked past it: the input has ended
+    assert [ref() is None for ref in refs] == [True, True, False]
+    assert inbox.last_item is refs[2]()
+
+
 def test_each_message_is_timed_with_the_waits_of_its_own_items(monkeypatch):
     # A message's timing point is marked only once its items are handed over
     # (Inbox._fill): a wait for room downstream after that belongs to its

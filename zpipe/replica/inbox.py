@@ -71,8 +71,6 @@ class Inbox(Inputs):
         self._last_item: Any = None  # see last_item
         # The list of items the stage is being given one by one (_lists), and the
         # iterator over it: those not given yet are still buffered (unfinished).
-        # It holds the last message's items until the next one's list replaces it
-        # (the last item alone was held before: a large one comes alone anyway).
         self.given: list[Any] | None = None
         self.given_left: Iterator[Any] = iter(())
         self.seqs: collections.deque[int] = collections.deque()  # numbers of buffered items
@@ -164,6 +162,10 @@ class Inbox(Inputs):
             buffer.clear()
             self.given_left = left = iter(items)
             yield left
+            # Gone through (the chain asks for more): its items go now, not once the
+            # next message has come (maybe long after) and been decoded beside them.
+            self._last_item = items[-1]
+            self.given = items = left = None  # type: ignore[assignment]
 
     def _numbered(self) -> Iterator[Any]:
         buffer, seqs = self.buffer, self.seqs
