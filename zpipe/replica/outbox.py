@@ -306,13 +306,16 @@ class Outbox:
             size = len(_join(recent))
             batch.counted(items, size)  # _checkpoint's measure() need not count them again
             large = size >= codec.FRAME_MIN and max(map(len, recent)) >= codec.FRAME_MIN
+            # Under the lock: ``recent`` may be the batch's own list, which the
+            # Flusher drops sent items from in place.
+            mean = -(-size // max(1, len(recent)))  # rounded up
             if batch.fresh or batch.fresh_shared:  # they go at once (put's rule)
                 batch.take_fresh()
                 self._flush_locked()
         finally:
             self.lock.release()
         self._checkpoint(items, started)
-        return -(-size // max(1, len(recent))), large  # the mean, rounded up
+        return mean, large
 
     def run_failed(self) -> None:
         """A run ended in an exception: what its last output left unfinished is dropped."""
